@@ -1,0 +1,25 @@
+"""Chronovisor: steer the routing of HuggingFace Mixture-of-Experts models with a P×T controller.
+
+``import chronovisor`` stays light: the controller needs only torch, and the transformers-facing
+parts (``wrap``, ``load``, ``ChronovisorModel``) are imported on first use.
+"""
+
+from chronovisor.controllers import PTConfig, PTController
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "wrap": "chronovisor.model",
+    "load": "chronovisor.model",
+    "ChronovisorModel": "chronovisor.model",
+}
+
+__all__ = ["PTConfig", "PTController", "__version__", *_LAZY]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'chronovisor' has no attribute {name!r}")
