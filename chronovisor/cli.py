@@ -22,7 +22,154 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-_SUBCOMMANDS: list = []
+# ------------------------------------------------------------------ shared arguments
+def _add_model_arguments(parser: argparse.ArgumentParser, required: bool = True) -> None:
+    parser.add_argument("model", nargs=None if required else "?", help="a toy preset name (see `chronovisor inspect --presets`), a local model "
+                                      "directory, or a hub id")
+    parser.add_argument("--seed", type=int, default=0, help="seed of a toy preset's weights (default 0)")
+    parser.add_argument("--device-map", default=None, help='accelerate device map, e.g. "auto" (default: none)')
+    parser.add_argument("--max-memory", default=None, metavar="DEV=SIZE,...",
+                        help='per-device memory budget for device_map, e.g. "0=20GiB,cpu=60GiB"')
+    parser.add_argument("--offload-folder", default=None, help="where accelerate offloads layers to disk")
+    parser.add_argument("--dtype", default=None, help="torch dtype to load in, e.g. bfloat16")
+
+
+def _parse_max_memory(text: str | None) -> dict | None:
+    if not text:
+        return None
+    budget: dict = {}
+    for item in text.split(","):
+        device, sep, size = item.partition("=")
+        if not sep or not size:
+            raise SystemExit(f"--max-memory: expected DEVICE=SIZE items, got {item!r}")
+        budget[int(device) if device.isdigit() else device] = size
+    return budget
+
+
+def _load_kwargs(args: argparse.Namespace) -> dict:
+    return dict(seed=args.seed, device_map=args.device_map, max_memory=_parse_max_memory(args.max_memory),
+                offload_folder=args.offload_folder, torch_dtype=args.dtype)
+
+
+def _add_controller_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--eta", type=float, default=0.015, help="geological rate η (default 0.015)")
+    parser.add_argument("--pressure-scale", type=float, default=0.5, help="pressure scale P (default 0.5)")
+    parser.add_argument("--mode", default="pt", help="off | pressure | temperature | pt (default pt)")
+    parser.add_argument("--dynamics", default="reference", help="reference | paper | delayed | loss_free")
+    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                        help="any other PTConfig field, e.g. --set usage=ema (repeatable)")
+
+
+def _controller_config(args: argparse.Namespace, **fixed):
+    import yaml
+
+    from chronovisor.controllers import PTConfig
+
+    values = dict(eta=args.eta, pressure_scale=args.pressure_scale, mode=args.mode, dynamics=args.dynamics,
+                  seed=args.seed)
+    for item in args.set:
+        name, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--set: expected FIELD=VALUE, got {item!r}")
+        values[name.strip()] = yaml.safe_load(value)
+    values.update(fixed)
+    try:
+        return PTConfig.from_dict(values)
+    except ValueError as error:
+        raise SystemExit(f"invalid controller config: {error}") from None
+
+
+# ------------------------------------------------------------------ inspect
+def _add_inspect(sub) -> None:
+    parser = sub.add_parser("inspect", help="show a model's MoE routers, experts, top-k and parameters")
+    _add_model_arguments(parser, required=False)
+    parser.add_argument("--presets", action="store_true", help="list the toy presets instead")
+    parser.set_defaults(func=_run_inspect)
+
+
+def _run_inspect(args: argparse.Namespace) -> int:
+    from chronovisor.model import load_base_model
+    from chronovisor.wrappers import TOY_PRESETS, describe
+
+    if args.presets:
+        for name, preset in TOY_PRESETS.items():
+            print(f"{name:18s} {preset.description}")
+        return 0
+    if args.model is None:
+        raise SystemExit("chronovisor inspect: name a model (or pass --presets)")
+    model = load_base_model(args.model, **_load_kwargs(args))
+    info = describe(model)
+    print(info.summary())
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    print(f"parameters: {total:,} total, {trainable:,} trainable (base model, before wrapping)")
+    print(f"controller: {info.num_layers}x{info.num_experts} fields; learnable offsets would add "
+          f"{2 * info.num_layers * info.num_experts:,} parameters")
+    return 0
+
+
+# ------------------------------------------------------------------ train
+def _add_train(sub) -> None:
+    parser = sub.add_parser("train", help="train the controller only (base frozen) and save it")
+    _add_model_arguments(parser)
+    _add_controller_arguments(parser)
+    parser.add_argument("--out", required=True, help="directory for the trained controller (save_pretrained)")
+    parser.add_argument("--data", default=None, help='JSONL conversations ({"turns": [...]} per line); '
+                                                     "default: the synthetic conversation generator")
+    parser.add_argument("--tokenizer", default=None, help="local tokenizer directory for --data "
+                                                          "(default: the model directory)")
+    parser.add_argument("--conversations", type=int, default=32, help="synthetic conversations (default 32)")
+    parser.add_argument("--max-length", type=int, default=512, help="tokens per conversation (default 512)")
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--lr", type=float, default=0.05)
+    parser.add_argument("--log-every", type=int, default=10)
+    parser.set_defaults(func=_run_train)
+
+
+def _training_batches(args: argparse.Namespace, model) -> list[dict]:
+    from chronovisor.eval.data import ConversationConfig, ConversationGenerator, iterate_batches, load_jsonl
+
+    if args.data is not None:
+        tokenizer = args.tokenizer or args.model
+        conversations = load_jsonl(args.data, tokenizer, max_length=args.max_length)
+    else:
+        vocab_size = model.config.vocab_size
+        config = ConversationConfig(vocab_size=vocab_size, world_seed=args.seed,
+                                    phase_vocab_size=min(200, (vocab_size - 1) // 2),
+                                    topic_vocab_size=min(100, (vocab_size - 1) // 4))
+        conversations = ConversationGenerator(config, seed=args.seed, split="train").sample(args.conversations)
+    batches = []
+    for batch in iterate_batches(conversations, args.batch_size, shuffle_seed=args.seed):
+        length = min(args.max_length, batch.input_ids.shape[1])
+        batches.append({"input_ids": batch.input_ids[:, :length], "attention_mask": batch.attention_mask[:, :length],
+                        "labels": batch.labels[:, :length]})
+    return batches
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    import json
+
+    import chronovisor
+    from chronovisor.training import TrainConfig, train_controller
+
+    config = _controller_config(args, learnable=True)
+    model = chronovisor.load(args.model, config, freeze_base=True, **_load_kwargs(args))
+    if getattr(model.config, "is_encoder_decoder", False) and args.data is None:
+        raise SystemExit("chronovisor train: the synthetic data is for decoder-only models; "
+                         "pass --data for an encoder-decoder model")
+    model.print_trainable_parameters()
+    batches = _training_batches(args, model)
+    log = train_controller(model, batches, TrainConfig(steps=args.steps, learning_rate=args.lr,
+                                                       log_every=args.log_every))
+    out = model.save_pretrained(args.out)
+    (out / "training_log.json").write_text(json.dumps(log, indent=2) + "\n")
+    size = sum(f.stat().st_size for f in out.iterdir())
+    print(f"loss {log[0]['loss']:.4f} -> {log[-1]['loss']:.4f}; controller saved to {out} ({size / 1024:.1f} KiB)")
+    return 0
+
+
+_SUBCOMMANDS: list = [_add_inspect, _add_train]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -149,11 +149,14 @@ class PTController(nn.Module):
         """
         self._check_layer(layer)
         config = self.config
+        # Under autograd the fields are copied: step() updates them in place after the forward,
+        # and backward still needs the values the forward used.
+        snapshot = torch.Tensor.clone if torch.is_grad_enabled() else torch.Tensor.detach
         bias = divisor = None
         if config.uses_pressure and config.dynamics != "loss_free":
-            bias = self._pressure[layer]
+            bias = snapshot(self._pressure[layer])
         if config.uses_temperature:
-            divisor = self._effective_temperature[layer]
+            divisor = snapshot(self._effective_temperature[layer])
         if config.learnable:
             if config.mode in ("pressure", "pt"):
                 offset = self.pressure_offset[layer]

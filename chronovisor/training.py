@@ -1,0 +1,146 @@
+"""Controller-only training: the base model stays frozen, the learnable offsets learn.
+
+The loop is a plain ``accelerate`` loop (``Accelerator.backward``, mixed precision and gradient
+accumulation as accelerate provides them) over the controller's parameters only:
+``pressure_offset`` δb[l, k] and ``log_temperature_offset`` δlogT[l, k] (see the controller spec).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from chronovisor.model import ChronovisorModel
+
+
+class ZeroGradientError(RuntimeError):
+    """The controller's offsets receive no gradient through this model's routers."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Settings of :func:`train_controller` (validated at construction)."""
+
+    steps: int = 200
+    learning_rate: float = 0.05
+    weight_decay: float = 0.0
+    log_every: int = 10
+    max_grad_norm: float | None = 1.0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
+            raise ValueError(f"TrainConfig.steps: must be an integer >= 1 (got {self.steps!r})")
+        if not (isinstance(self.learning_rate, (int, float)) and math.isfinite(self.learning_rate)
+                and self.learning_rate > 0):
+            raise ValueError(f"TrainConfig.learning_rate: must be a finite number > 0 (got {self.learning_rate!r})")
+        if not self.weight_decay >= 0:
+            raise ValueError(f"TrainConfig.weight_decay: must be >= 0 (got {self.weight_decay!r})")
+        if isinstance(self.log_every, bool) or not isinstance(self.log_every, int) or self.log_every < 1:
+            raise ValueError(f"TrainConfig.log_every: must be an integer >= 1 (got {self.log_every!r})")
+        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
+            raise ValueError(f"TrainConfig.max_grad_norm: must be > 0 or None (got {self.max_grad_norm!r})")
+
+
+def _cycle(batches: Iterable[Mapping[str, torch.Tensor]]) -> Iterator[Mapping[str, torch.Tensor]]:
+    cached = list(batches)
+    if not cached:
+        raise ValueError("train_controller: no training batches")
+    while True:
+        yield from cached
+
+
+def _input_device(model: ChronovisorModel, accelerator: Any) -> torch.device | None:
+    """Where inputs go: nowhere for an accelerate-dispatched model (its hooks move them),
+    else the accelerator's device, where the model is moved as well."""
+    if getattr(model.base_model, "hf_device_map", None):
+        return None
+    model.to(accelerator.device)
+    return accelerator.device
+
+
+def train_controller(model: ChronovisorModel, batches: Iterable[Mapping[str, torch.Tensor]],
+                     config: TrainConfig | None = None, *, accelerator: Any = None,
+                     progress: bool = True) -> list[dict[str, float]]:
+    """Train only the controller's learnable offsets on ``batches`` (cycled for ``config.steps``).
+
+    Each batch is a mapping of model inputs with ``labels`` (e.g. ``input_ids``,
+    ``attention_mask``, ``labels``). The base model is frozen here (``requires_grad_(False)``) and
+    put in eval mode (no dropout, no router jitter); the controller ticks after every forward as
+    usual. Returns the log: one dict per ``log_every`` steps with the step, the mean training
+    loss since the last entry, the largest |delivered pressure offset| and the spread of the
+    temperature offsets.
+
+    Raises:
+        ValueError: the controller has no learnable offsets, or its mode is ``off``.
+        ZeroGradientError: after the first backward every offset gradient is exactly zero, as
+            happens with top-1 routing whose weight is renormalised to 1 (Mixtral/Qwen with k=1):
+            the loss then does not depend on the routing logits at all.
+    """
+    from accelerate import Accelerator
+
+    config = config or TrainConfig()
+    controller = model.controller
+    if not controller.config.learnable:
+        raise ValueError("train_controller needs PTConfig(learnable=True): the controller has no trainable offsets")
+    if controller.config.mode == "off":
+        raise ValueError("train_controller: mode 'off' ignores the controller, so its offsets cannot learn")
+    model.freeze_base()
+    model.base_model.eval()
+    parameters = [p for p in controller.parameters() if p.requires_grad]
+    if not parameters:
+        raise ValueError("train_controller: the controller's offsets are frozen (load with is_trainable=True)")
+    accelerator = accelerator or Accelerator()
+    device = _input_device(model, accelerator)
+    optimizer = torch.optim.AdamW(parameters, lr=config.learning_rate, weight_decay=config.weight_decay)
+    optimizer = accelerator.prepare(optimizer)
+
+    log: list[dict[str, float]] = []
+    running = torch.zeros((), device=parameters[0].device)
+    data = _cycle(batches)
+    bar = tqdm(range(1, config.steps + 1), desc="controller", disable=not progress)
+    for step in bar:
+        batch = next(data)
+        inputs = {k: (v.to(device) if device is not None and torch.is_tensor(v) else v) for k, v in batch.items()}
+        outputs = model(**inputs)
+        if outputs.loss is None:
+            raise ValueError("train_controller: the batches must include labels (the model returned no loss)")
+        accelerator.backward(outputs.loss)
+        if step == 1:
+            _check_gradient_flows(model, parameters)
+        if config.max_grad_norm is not None:
+            accelerator.clip_grad_norm_(parameters, config.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        running += outputs.loss.detach().to(running.device)
+        if step % config.log_every == 0 or step == config.steps:
+            since = (step - 1) % config.log_every + 1
+            with torch.no_grad():
+                pressure = controller.pressure_offset - controller.pressure_offset.mean(dim=-1, keepdim=True)
+                entry = {
+                    "step": step,
+                    "loss": float(running) / since,
+                    "max_abs_pressure_offset": float(pressure.abs().max()),
+                    "log_temperature_offset_std": float(controller.log_temperature_offset.std()),
+                }
+            log.append(entry)
+            bar.set_postfix(loss=f"{entry['loss']:.4f}")
+            running.zero_()
+    return log
+
+
+def _check_gradient_flows(model: ChronovisorModel, parameters: list[torch.nn.Parameter]) -> None:
+    """Raise :class:`ZeroGradientError` if no offset received any gradient (one host sync, once)."""
+    total = sum(p.grad.abs().sum() for p in parameters if p.grad is not None)
+    if not torch.is_tensor(total) or float(total) == 0.0:
+        info = model.info
+        raise ZeroGradientError(
+            f"the controller's offsets get no gradient through {info.model_class} ({info.family}, top-{info.top_k}, "
+            f"{info.selection_rule}). With top-1 routing whose weight is renormalised to 1 the loss does not "
+            f"depend on the router logits, so gradient training cannot steer it; use the online P×T dynamics "
+            f"(no training) or a model with top_k >= 2"
+        )
