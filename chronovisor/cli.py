@@ -169,7 +169,43 @@ def _run_train(args: argparse.Namespace) -> int:
     return 0
 
 
-_SUBCOMMANDS: list = [_add_inspect, _add_train]
+# ------------------------------------------------------------------ sweep
+def _add_sweep(sub) -> None:
+    parser = sub.add_parser(
+        "sweep", help="run a paired η × P × seed sweep from a YAML config (resumable, shardable)",
+        description="Run every cell of a sweep config, one atomic JSON per cell; re-running resumes. "
+                    "Shard over N processes with `accelerate launch --num_processes N -m chronovisor.cli sweep ...` "
+                    "(on a CPU-only machine add --multi_gpu: accelerate's torchrun path).")
+    parser.add_argument("config", help="YAML sweep config (see configs/ and chronovisor.eval.sweep)")
+    parser.add_argument("--out", required=True, help="run directory (created; resumed if it exists)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key before validation, e.g. --set train.steps=20 "
+                             "--set model=/path/to/model (value parsed as YAML; repeatable)")
+    parser.add_argument("--dry-run", action="store_true", help="validate and list the cells (done/todo), run nothing")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.set_defaults(func=_run_sweep)
+
+
+def _run_sweep(args: argparse.Namespace) -> int:
+    from chronovisor.eval import sweep
+
+    return sweep.main(args)
+
+
+# ------------------------------------------------------------------ report
+def _add_report(sub) -> None:
+    parser = sub.add_parser("report", help="summarise a sweep run: summary.md, heatmaps, trajectories")
+    parser.add_argument("run_dir", help="a run directory written by `chronovisor sweep`")
+    parser.set_defaults(func=_run_report)
+
+
+def _run_report(args: argparse.Namespace) -> int:
+    from chronovisor.eval import report
+
+    return report.main(args)
+
+
+_SUBCOMMANDS: list = [_add_inspect, _add_train, _add_sweep, _add_report]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -193,10 +193,7 @@ class ChronovisorModel(nn.Module):
             if saved[name] != getattr(info, name):
                 raise ValueError(f"controller in {directory} has {name}={saved[name]}, but {info.model_class} "
                                  f"needs {name}={getattr(info, name)}")
-        controller = PTController(info.num_layers, info.num_experts, info.top_k,
-                                  PTConfig.from_dict(saved["config"]))
-        controller.to(_execution_device(base_model, info))
-        controller.load_state(directory)
+        controller = PTController.load(directory, map_location=_execution_device(base_model, info))
         controller.requires_grad_(is_trainable)
         return cls(base_model, controller, tick=tick)
 

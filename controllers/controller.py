@@ -9,12 +9,19 @@ One controller serves every MoE router of a model. Its state is a set of ``[L, E
 and after the forward the caller runs ``controller.step(loss=None)``: one tick. None of these
 three reads a tensor back to the host: schedules are Python integers, everything else stays on
 the device (CUDA can run them asynchronously and torch.compile can trace them).
+
+A *stacked* controller (``PTController(L, E, K, [config_1, ..., config_C])``) runs C
+configurations in one forward: the batch holds C equal groups of sequences, group c is steered
+by configuration c, and every buffer gains a leading ``[C]`` axis. The configurations may differ
+in ``eta``, ``pressure_scale``, ``mode`` and ``seed``; everything else is shared. The math is the
+same code either way (a single controller is the C = 1 case with the axis hidden).
 """
 
 from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +36,8 @@ STATE_FILE = "controller.safetensors"
 CONFIG_FILE = "controller_config.json"
 FORMAT_VERSION = 1
 
+# Config fields that may differ between the groups of a stacked controller.
+PER_GROUP_FIELDS = ("eta", "pressure_scale", "mode", "seed")
 # Config fields that decide the state's layout or meaning; a saved state must match them.
 _STRUCTURAL_FIELDS = ("dynamics", "usage", "learnable", "credit_window")
 
@@ -40,14 +49,16 @@ class PTController(nn.Module):
         num_layers: number of MoE routers L (dense layers do not count).
         num_experts: experts per router E.
         top_k: experts selected per token K (used when the caller gives no routing weights).
-        config: a :class:`PTConfig`.
+        config: a :class:`PTConfig`, or a sequence of C of them for a stacked controller whose
+            fields are ``[C, L, E]`` (C groups of the batch, one per configuration).
 
     Buffers are created on the CPU; ``controller.to(device)`` moves them. ``modulate`` moves the
     per-layer fields to the logits' device, so a model dispatched over several devices works with
     the controller on any one of them.
     """
 
-    def __init__(self, num_layers: int, num_experts: int, top_k: int, config: PTConfig | None = None):
+    def __init__(self, num_layers: int, num_experts: int, top_k: int,
+                 config: PTConfig | Sequence[PTConfig] | None = None):
         super().__init__()
         for name, value, minimum in (("num_layers", num_layers, 1), ("num_experts", num_experts, 2),
                                      ("top_k", top_k, 1)):
@@ -55,24 +66,46 @@ class PTController(nn.Module):
                 raise ValueError(f"PTController: {name} must be an integer >= {minimum}, got {value!r}")
         if top_k > num_experts:
             raise ValueError(f"PTController: top_k ({top_k}) cannot exceed num_experts ({num_experts})")
-        config = PTConfig() if config is None else config
-        if not isinstance(config, PTConfig):
-            raise TypeError(f"PTController: config must be a PTConfig, got {type(config).__name__}")
-        self.num_layers, self.num_experts, self.top_k, self.config = num_layers, num_experts, top_k, config
-        shape = (num_layers, num_experts)
+        self.stacked = not (config is None or isinstance(config, PTConfig))
+        configs = (config or PTConfig(),) if not self.stacked else tuple(config)
+        _check_configs(configs, self.stacked)
+        self.num_layers, self.num_experts, self.top_k, self.configs = num_layers, num_experts, top_k, configs
+        self.num_groups = len(configs)
+        shared = configs[0]
+        shape = (self.num_groups, num_layers, num_experts)
         for name in ("_usage", "_tick_counts", "_tick_weight_sums", "_pressure", "_phases"):
             self.register_buffer(name, torch.zeros(shape))
         for name in ("_fast_temperature", "_temperature_local", "_effective_temperature"):
             self.register_buffer(name, torch.ones(shape))
-        self.register_buffer("_temperature_global", torch.ones(num_experts))
-        self.register_buffer("_coherence", torch.zeros(()))
-        self.register_buffer("_credit", torch.zeros(()))
-        self.register_buffer("_loss_window", torch.full((2 * config.credit_window,), math.nan))
-        if config.learnable:
-            self.pressure_offset = nn.Parameter(torch.zeros(shape))
-            self.log_temperature_offset = nn.Parameter(torch.zeros(shape))
+        self.register_buffer("_temperature_global", torch.ones(self.num_groups, 1, num_experts))
+        self.register_buffer("_coherence", torch.zeros(self.num_groups, 1, 1))
+        self.register_buffer("_credit", torch.zeros(self.num_groups, 1, 1))
+        self.register_buffer("_loss_window", torch.full((self.num_groups, 2 * shared.credit_window), math.nan))
+        # Per-group settings as [C, 1, 1] tensors (derived from the configs, so not saved).
+        per_group = {
+            "_eta": [c.eta for c in configs],
+            "_pressure_scale": [c.pressure_scale for c in configs],
+            "_bias_channel": [c.mode in ("pressure", "pt") for c in configs],
+            "_temperature_channel": [c.mode in ("temperature", "pt") for c in configs],
+        }
+        for name, values in per_group.items():
+            self.register_buffer(name, torch.tensor(values).reshape(-1, 1, 1), persistent=False)
+        # Which terms reach the logits at all (Python booleans: no tensor is read to decide).
+        self._any_bias = any(per_group["_bias_channel"]) and (shared.dynamics != "loss_free" or shared.learnable)
+        self._any_divisor = any(per_group["_temperature_channel"])
+        self._identity = all(c.mode == "off" for c in configs)
+        if shared.learnable:
+            self.pressure_offset = nn.Parameter(torch.zeros(num_layers, num_experts))
+            self.log_temperature_offset = nn.Parameter(torch.zeros(num_layers, num_experts))
         self.ticks = 0
         self.reset()
+
+    @property
+    def config(self) -> PTConfig:
+        """The configuration of a single (unstacked) controller."""
+        if self.stacked:
+            raise AttributeError("a stacked PTController has one config per group: use .configs")
+        return self.configs[0]
 
     # ------------------------------------------------------------------ state
     @torch.no_grad()
@@ -81,23 +114,28 @@ class PTController(nn.Module):
 
         Learnable offsets are left as they are (they are trained, not dynamic).
         """
-        for name in ("_usage", "_tick_counts", "_tick_weight_sums", "_pressure", "_coherence", "_credit"):
+        for name in ("_usage", "_tick_counts", "_tick_weight_sums", "_pressure", "_credit"):
             getattr(self, name).zero_()
         for name in ("_fast_temperature", "_temperature_local", "_effective_temperature", "_temperature_global"):
             getattr(self, name).fill_(1.0)
         self._loss_window.fill_(math.nan)
-        generator = torch.Generator().manual_seed(self.config.seed)
-        phases = torch.rand(self._phases.shape, generator=generator, dtype=torch.float64) * dynamics.TWO_PI
-        self._phases.copy_(phases.to(self._phases.dtype))
-        self._coherence.copy_(dynamics.coherence(self._phases).reshape(()))
+        for group, config in enumerate(self.configs):
+            generator = torch.Generator().manual_seed(config.seed)
+            phases = torch.rand(self._phases.shape[1:], generator=generator, dtype=torch.float64) * dynamics.TWO_PI
+            self._phases[group].copy_(phases.to(self._phases.dtype))
+        self._coherence.copy_(dynamics.coherence(self._phases))
         self.ticks = 0
 
     def _field(self, name: str) -> torch.Tensor:
-        return getattr(self, name).detach().clone()
+        value = getattr(self, name).detach().clone()
+        return value if self.stacked else value[0]
 
     @property
     def pressure(self) -> torch.Tensor:
-        """Dynamic pressure b ``[L, E]`` (for ``loss_free``: its selection-only bias), before mode masks."""
+        """Dynamic pressure b ``[L, E]`` (for ``loss_free``: its selection-only bias), before mode masks.
+
+        Stacked controllers return ``[C, L, E]`` here and from every field property below.
+        """
         return self._field("_pressure")
 
     @property
@@ -118,7 +156,7 @@ class PTController(nn.Module):
     @property
     def T_bar_global(self) -> torch.Tensor:
         """Geological temperature shared by all layers T̄_global ``[E]``."""
-        return self._field("_temperature_global")
+        return self._field("_temperature_global").squeeze(-2)
 
     @property
     def usage(self) -> torch.Tensor:
@@ -126,79 +164,99 @@ class PTController(nn.Module):
         return self._field("_usage")
 
     @property
+    def phases(self) -> torch.Tensor:
+        """Oscillator phases φ ``[L, E]`` in [0, 2π) (they set the coherence R)."""
+        return self._field("_phases")
+
+    @property
     def coherence(self) -> torch.Tensor:
-        """Coherence R (0-dim tensor)."""
-        return self._field("_coherence")
+        """Coherence R (0-dim tensor; ``[C]`` when stacked)."""
+        return self._field("_coherence").reshape(self._coherence.shape[:1] if self.stacked else ())
 
     @property
     def credit(self) -> torch.Tensor:
-        """Commitment credit of the ``delayed`` preset at the last field update (0-dim tensor)."""
-        return self._field("_credit")
+        """Commitment credit of the ``delayed`` preset at the last field update (0-dim; ``[C]`` stacked)."""
+        return self._field("_credit").reshape(self._credit.shape[:1] if self.stacked else ())
 
     # ---------------------------------------------------------- forward path
     def _check_layer(self, layer: int) -> None:
         if not 0 <= layer < self.num_layers:
             raise IndexError(f"PTController: layer {layer} out of range for {self.num_layers} MoE layers")
 
-    def delivered_fields(self, layer: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """The additive bias and the divisor that reach layer ``layer``'s logits, each ``[E]`` or None.
+    def _groups(self, tokens: int) -> int:
+        """Tokens per group of a router call with ``tokens`` rows."""
+        if tokens % self.num_groups:
+            raise ValueError(f"PTController: {tokens} tokens do not split into {self.num_groups} equal groups "
+                             f"(a stacked controller needs the batch to hold one equal group per configuration)")
+        return tokens // self.num_groups
 
-        Applies the mode (which fields act) and, with ``learnable``, the offsets:
+    def delivered_fields(self, layer: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The additive bias and the divisor that reach layer ``layer``'s logits, each ``[C, E]`` or None.
+
+        Applies each group's mode (which fields act) and, with ``learnable``, the offsets:
         b_total = b + (δb − mean_k δb), T_total = T_eff · exp(δlogT). ``loss_free`` contributes no
-        logit bias (its bias is for selection only, see :meth:`selection_bias`).
+        dynamic logit bias (its bias is for selection only, see :meth:`selection_bias`).
         """
         self._check_layer(layer)
-        config = self.config
+        shared = self.configs[0]
         # Under autograd the fields are copied: step() updates them in place after the forward,
         # and backward still needs the values the forward used.
         snapshot = torch.Tensor.clone if torch.is_grad_enabled() else torch.Tensor.detach
+        bias_channel, temperature_channel = self._bias_channel[:, 0], self._temperature_channel[:, 0]   # [C, 1]
         bias = divisor = None
-        if config.uses_pressure and config.dynamics != "loss_free":
-            bias = snapshot(self._pressure[layer])
-        if config.uses_temperature:
-            divisor = snapshot(self._effective_temperature[layer])
-        if config.learnable:
-            if config.mode in ("pressure", "pt"):
+        if self._any_bias:
+            dynamic = 0.0 if shared.dynamics == "loss_free" else snapshot(self._pressure[:, layer])
+            if shared.learnable:
                 offset = self.pressure_offset[layer]
-                centred = offset - offset.mean()
-                bias = centred if bias is None else bias + centred
-            if config.mode in ("temperature", "pt"):
-                scale = torch.exp(self.log_temperature_offset[layer])
-                divisor = scale if divisor is None else divisor * scale
+                dynamic = dynamic + (offset - offset.mean())
+            bias = torch.where(bias_channel, dynamic, 0.0)
+        if self._any_divisor:
+            dynamic = snapshot(self._effective_temperature[:, layer])
+            if shared.learnable:
+                dynamic = dynamic * torch.exp(self.log_temperature_offset[layer])
+            divisor = torch.where(temperature_channel, dynamic, 1.0)
         return bias, divisor
 
     def modulate(self, layer: int, logits: torch.Tensor) -> torch.Tensor:
         """z = (ℓ + b) / T for layer ``layer`` (``paper`` with coupling ``bias``: z = ℓ + b / T).
 
         ``logits [tokens, E]`` in any dtype and on any device; returns float32 (float64 for float64
-        logits) on the logits' device. In mode ``off`` the logits come back unchanged (same object),
-        and with b = 0, T = 1 the values are bit-identical to the input.
+        logits) on the logits' device. When every group's mode is ``off`` the logits come back
+        unchanged (same object); with b = 0, T = 1 the values are bit-identical to the input.
+        A stacked controller steers the c-th of C equal consecutive blocks of tokens with group c.
         """
-        if self.config.mode == "off":
+        if self._identity:
             return logits
         bias, divisor = self.delivered_fields(layer)
         dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
-        z = logits.to(dtype)
-        if self.config.dynamics == "paper" and self.config.paper_coupling == "bias":
-            if bias is not None:
-                bias = bias if divisor is None else bias / divisor
+        tokens, experts = logits.shape
+        z = logits.to(dtype).view(self.num_groups, self._groups(tokens), experts)        # [C, n, E]
+        shared = self.configs[0]
+        if shared.dynamics == "paper" and shared.paper_coupling == "bias" and bias is not None:
+            bias = bias if divisor is None else bias / divisor
             divisor = None
         if bias is not None:
-            z = z + bias.to(device=z.device, dtype=dtype)
+            z = z + bias.to(device=z.device, dtype=dtype).unsqueeze(1)
         if divisor is not None:
-            z = z / divisor.to(device=z.device, dtype=dtype)
-        return z
+            z = z / divisor.to(device=z.device, dtype=dtype).unsqueeze(1)
+        return z.view(tokens, experts)
 
-    def selection_bias(self, layer: int) -> torch.Tensor | None:
-        """``loss_free`` only: the bias ``[E]`` to add to the gating scores for the choice of experts.
+    def selection_bias(self, layer: int, num_tokens: int | None = None) -> torch.Tensor | None:
+        """``loss_free`` only: the bias to add to the gating scores for the choice of experts.
 
-        The mixing weights must come from the unbiased scores. None for every other preset or
-        when the mode has no pressure.
+        ``[E]`` for a single controller; a stacked one needs ``num_tokens`` and returns
+        ``[num_tokens, E]`` (group c's bias on its block of tokens). The mixing weights must come
+        from the unbiased scores. None for every other preset or when no group has pressure.
         """
         self._check_layer(layer)
-        if self.config.dynamics != "loss_free" or not self.config.uses_pressure:
+        if self.configs[0].dynamics != "loss_free" or not any(c.mode in ("pressure", "pt") for c in self.configs):
             return None
-        return self._pressure[layer]
+        bias = torch.where(self._bias_channel[:, 0], self._pressure[:, layer], 0.0)                   # [C, E]
+        if not self.stacked:
+            return bias[0]
+        if num_tokens is None:
+            raise ValueError("PTController.selection_bias: a stacked controller needs num_tokens")
+        return bias.repeat_interleave(self._groups(num_tokens), dim=0)
 
     @torch.no_grad()
     def observe(self, layer: int, expert_index: torch.Tensor, weights: torch.Tensor | None = None,
@@ -207,7 +265,8 @@ class PTController(nn.Module):
 
         Args:
             layer: MoE layer index.
-            expert_index: ``[tokens, k]`` integer ids of the selected experts.
+            expert_index: ``[tokens, k]`` integer ids of the selected experts (stacked: C equal
+                consecutive blocks of tokens, one per group).
             weights: ``[tokens, k]`` routing weights of those selections (default 1/K each); they
                 drive the coherence phases. Non-finite weights count as 0.
             mask: ``[tokens]`` bool, True for real tokens; padding is excluded from every count.
@@ -219,14 +278,15 @@ class PTController(nn.Module):
                 f"got dtype {expert_index.dtype} and shape {tuple(expert_index.shape)}"
             )
         tokens, k = expert_index.shape
+        groups = (self.num_groups, self._groups(tokens) * k)                                 # [C, n*k]
         device, dtype = self._tick_counts.device, self._tick_counts.dtype
-        index = expert_index.to(device=device, dtype=torch.long).reshape(-1)  # [tokens*k]
+        index = expert_index.to(device=device, dtype=torch.long).reshape(groups)
         if mask is None:
-            counted = torch.ones(tokens * k, device=device, dtype=dtype)
+            counted = torch.ones(groups, device=device, dtype=dtype)
         else:
             if mask.shape != (tokens,):
                 raise ValueError(f"PTController.observe: mask must have shape [{tokens}], got {tuple(mask.shape)}")
-            counted = mask.to(device=device, dtype=dtype).repeat_interleave(k)
+            counted = mask.to(device=device, dtype=dtype).repeat_interleave(k).reshape(groups)
         if weights is None:
             weight = counted / self.top_k
         else:
@@ -234,70 +294,72 @@ class PTController(nn.Module):
                 raise ValueError(
                     f"PTController.observe: weights must have shape {tuple(expert_index.shape)}, got {tuple(weights.shape)}"
                 )
-            weight = torch.nan_to_num(weights.to(device=device, dtype=dtype).reshape(-1), nan=0.0,
+            weight = torch.nan_to_num(weights.to(device=device, dtype=dtype).reshape(groups), nan=0.0,
                                       posinf=0.0, neginf=0.0) * counted
-        self._tick_counts[layer].scatter_add_(0, index, counted)
-        self._tick_weight_sums[layer].scatter_add_(0, index, weight)
+        self._tick_counts[:, layer].scatter_add_(1, index, counted)
+        self._tick_weight_sums[:, layer].scatter_add_(1, index, weight)
 
     # -------------------------------------------------------------- the tick
     @torch.no_grad()
     def step(self, loss: torch.Tensor | float | None = None) -> None:
         """One tick: usage and phases move every tick, the fields every ``update_every`` ticks.
 
-        ``loss`` (a tensor, possibly on another device, or a float) feeds the ``delayed`` preset's
-        commitment credit; a missing or non-finite loss counts as no signal.
+        ``loss`` (a tensor, possibly on another device, or a float; stacked: one per group or one
+        for all) feeds the ``delayed`` preset's commitment credit; a missing or non-finite loss
+        counts as no signal.
         """
-        config = self.config
+        shared = self.configs[0]
         counts = self._tick_counts
-        if config.usage == "cumulative":
+        if shared.usage == "cumulative":
             self._usage.add_(counts)
         else:
-            self._usage.mul_(config.usage_decay).add_(counts, alpha=1.0 - config.usage_decay)
-        self._phases.copy_(dynamics.advance_phases(self._phases, counts, self._tick_weight_sums, config))
-        self._coherence.copy_(dynamics.coherence(self._phases).reshape(()))
-        if config.dynamics == "loss_free":
-            self._pressure.add_(dynamics.loss_free_bias_update(counts, config))
-        if config.dynamics == "delayed":
+            self._usage.mul_(shared.usage_decay).add_(counts, alpha=1.0 - shared.usage_decay)
+        self._phases.copy_(dynamics.advance_phases(self._phases, counts, self._tick_weight_sums, shared.phase_step))
+        self._coherence.copy_(dynamics.coherence(self._phases))
+        if shared.dynamics == "loss_free":
+            self._pressure.add_(dynamics.loss_free_bias_update(counts, shared.loss_free_rate))
+        if shared.dynamics == "delayed":
             self._record_loss(loss)
         self.ticks += 1
-        if self.ticks % config.update_every == 0:
+        if self.ticks % shared.update_every == 0:
             self._update_fields()
         counts.zero_()
         self._tick_weight_sums.zero_()
 
     def _record_loss(self, loss: torch.Tensor | float | None) -> None:
-        window = self._loss_window
+        window = self._loss_window                                                       # [C, 2W]
         value = math.nan if loss is None else loss
-        value = torch.as_tensor(value).detach().to(device=window.device, dtype=window.dtype).reshape(())
-        window.copy_(torch.cat((window[1:], torch.where(torch.isfinite(value), value, math.nan).reshape(1))))
+        value = torch.as_tensor(value).detach().to(device=window.device, dtype=window.dtype)
+        value = torch.where(torch.isfinite(value), value, math.nan).reshape(-1, 1).expand(self.num_groups, 1)
+        window.copy_(torch.cat((window[:, 1:], value), dim=1))
 
     def _update_fields(self) -> None:
-        config = self.config
-        if config.dynamics == "loss_free":
+        shared = self.configs[0]
+        if shared.dynamics == "loss_free":
             return
-        if config.dynamics == "paper":
-            self._pressure.copy_(dynamics.pressure(self._usage, config))
-            target = dynamics.paper_temperature_target(self._usage, config)
-            self._temperature_local.copy_(dynamics.ema(self._temperature_local, target, config.eta))
+        if shared.dynamics == "paper":
+            self._pressure.copy_(dynamics.pressure(self._usage, self._pressure_scale, shared.pressure_gain))
+            target = dynamics.paper_temperature_target(self._usage, shared.paper_kappa)
+            self._temperature_local.copy_(dynamics.ema(self._temperature_local, target, self._eta))
             self._effective_temperature.copy_(
-                self._temperature_local.clamp(config.temperature_min, config.temperature_max))
+                self._temperature_local.clamp(shared.temperature_min, shared.temperature_max))
             return
-        local_rate: torch.Tensor | float = config.eta
-        if config.dynamics == "delayed":
-            self._credit.copy_(dynamics.commitment_credit(self._loss_window, config).reshape(()))
-            local_rate = config.eta * self._credit
-        global_rate = local_rate * config.eta_global_factor
+        local_rate = self._eta                                                           # [C, 1, 1]
+        if shared.dynamics == "delayed":
+            self._credit.copy_(dynamics.commitment_credit(self._loss_window, shared.credit_scale))
+            local_rate = local_rate * self._credit
+        global_rate = local_rate * shared.eta_global_factor
         # 1. T̄_global follows the layer-mean of the *previous* update's T_fast (the reference's lag).
-        self._temperature_global.copy_(
-            dynamics.ema(self._temperature_global, self._fast_temperature.mean(dim=0), global_rate))
+        self._temperature_global.copy_(dynamics.ema(
+            self._temperature_global, self._fast_temperature.mean(dim=-2, keepdim=True), global_rate))
         # 2. Pressure and fast temperature from the usage so far.
-        self._pressure.copy_(dynamics.pressure(self._usage, config))
-        self._fast_temperature.copy_(dynamics.fast_temperature(self._usage, self._coherence, config))
+        self._pressure.copy_(dynamics.pressure(self._usage, self._pressure_scale, shared.pressure_gain))
+        self._fast_temperature.copy_(dynamics.fast_temperature(self._usage, self._coherence, shared))
         # 3. T̄_local follows the fresh T_fast.
         self._temperature_local.copy_(dynamics.ema(self._temperature_local, self._fast_temperature, local_rate))
         self._effective_temperature.copy_(
             (self._fast_temperature * self._temperature_global * self._temperature_local)
-            .clamp(config.temperature_min, config.temperature_max))
+            .clamp(shared.temperature_min, shared.temperature_max))
 
     # ------------------------------------------------------------ persistence
     def describe(self) -> dict[str, Any]:
@@ -308,7 +370,8 @@ class PTController(nn.Module):
             "num_experts": self.num_experts,
             "top_k": self.top_k,
             "ticks": self.ticks,
-            "config": self.config.to_dict(),
+            **({"configs": [c.to_dict() for c in self.configs]} if self.stacked
+               else {"config": self.configs[0].to_dict()}),
         }
 
     def save(self, directory: str | Path, metadata: dict[str, Any] | None = None) -> Path:
@@ -348,10 +411,15 @@ class PTController(nn.Module):
             if saved[name] != getattr(self, name):
                 raise ValueError(f"controller in {directory} has {name}={saved[name]}, "
                                  f"but this model needs {name}={getattr(self, name)}")
+        saved_configs = _saved_configs(saved)
+        if len(saved_configs) != self.num_groups:
+            raise ValueError(f"controller in {directory} has {len(saved_configs)} configuration group(s), "
+                             f"this controller has {self.num_groups}")
         for name in _STRUCTURAL_FIELDS:
-            if saved["config"][name] != getattr(self.config, name):
-                raise ValueError(f"controller in {directory} was saved with {name}={saved['config'][name]!r}, "
-                                 f"this controller has {name}={getattr(self.config, name)!r}")
+            have, want = getattr(saved_configs[0], name), getattr(self.configs[0], name)
+            if have != want:
+                raise ValueError(f"controller in {directory} was saved with {name}={have!r}, "
+                                 f"this controller has {name}={want!r}")
         tensors = load_file(str(directory / STATE_FILE))
         device = self._usage.device
         self.load_state_dict({name: tensor.to(device) for name, tensor in tensors.items()})
@@ -361,14 +429,41 @@ class PTController(nn.Module):
     def load(cls, directory: str | Path, map_location: str | torch.device | None = None) -> PTController:
         """Build a controller from a directory written by :meth:`save`, with its saved config."""
         saved = cls.read_description(directory)
+        configs = _saved_configs(saved)
         controller = cls(saved["num_layers"], saved["num_experts"], saved["top_k"],
-                         PTConfig.from_dict(saved["config"]))
+                         configs if "configs" in saved else configs[0])
         if map_location is not None:
             controller.to(map_location)
         controller.load_state(directory)
         return controller
 
     def extra_repr(self) -> str:
-        c = self.config
-        return (f"layers={self.num_layers}, experts={self.num_experts}, top_k={self.top_k}, mode={c.mode}, "
-                f"dynamics={c.dynamics}, eta={c.eta}, pressure_scale={c.pressure_scale}, usage={c.usage}")
+        c = self.configs[0]
+        groups = f"groups={self.num_groups}, " if self.stacked else (
+            f"mode={c.mode}, eta={c.eta}, pressure_scale={c.pressure_scale}, ")
+        return (f"layers={self.num_layers}, experts={self.num_experts}, top_k={self.top_k}, {groups}"
+                f"dynamics={c.dynamics}, usage={c.usage}")
+
+
+def _check_configs(configs: tuple, stacked: bool) -> None:
+    """Every entry a PTConfig; the groups of a stacked controller differ only in PER_GROUP_FIELDS."""
+    if not configs:
+        raise ValueError("PTController: a stacked controller needs at least one PTConfig")
+    for config in configs:
+        if not isinstance(config, PTConfig):
+            raise TypeError(f"PTController: config must be a PTConfig, got {type(config).__name__}")
+    if not stacked:
+        return
+    if configs[0].learnable:
+        raise ValueError("PTController: learnable offsets are not supported in a stacked controller")
+    reference = configs[0].to_dict()
+    for index, config in enumerate(configs[1:], start=1):
+        for name, value in config.to_dict().items():
+            if name not in PER_GROUP_FIELDS and value != reference[name]:
+                raise ValueError(f"PTController: stacked configs may differ only in {', '.join(PER_GROUP_FIELDS)}; "
+                                 f"config {index} has {name}={value!r}, config 0 has {name}={reference[name]!r}")
+
+
+def _saved_configs(saved: dict[str, Any]) -> list[PTConfig]:
+    return [PTConfig.from_dict(c) for c in saved["configs"]] if "configs" in saved else [
+        PTConfig.from_dict(saved["config"])]

@@ -24,15 +24,16 @@ def usage_share(usage: torch.Tensor) -> torch.Tensor:
     return torch.where(total > 0, usage / torch.where(total > 0, total, 1.0), 0.0)
 
 
-def pressure(usage: torch.Tensor, config: PTConfig) -> torch.Tensor:
+def pressure(usage: torch.Tensor, scale: torch.Tensor | float, gain: float) -> torch.Tensor:
     """Fast pressure b = P · clip(gain · (1/N − p), −1, 1); zero while no usage was seen.
 
-    Under-used experts (p < 1/N) get positive pressure, so |b| ≤ P.  ``[..., E] -> [..., E]``.
+    Under-used experts (p < 1/N) get positive pressure, so |b| ≤ P = ``scale`` (a float or a
+    tensor broadcastable against ``usage``).  ``[..., E] -> [..., E]``.
     """
     num_experts = usage.shape[-1]
     seen = usage.sum(dim=-1, keepdim=True) > 0
-    raw = (config.pressure_gain * (1.0 / num_experts - usage_share(usage))).clamp(-1.0, 1.0)
-    return torch.where(seen, raw, 0.0) * config.pressure_scale
+    raw = (gain * (1.0 / num_experts - usage_share(usage))).clamp(-1.0, 1.0)
+    return torch.where(seen, raw, 0.0) * scale
 
 
 def coherence(phases: torch.Tensor) -> torch.Tensor:
@@ -46,10 +47,10 @@ def coherence(phases: torch.Tensor) -> torch.Tensor:
 
 
 def advance_phases(phases: torch.Tensor, counts: torch.Tensor, weight_sums: torch.Tensor,
-                   config: PTConfig) -> torch.Tensor:
+                   step: float) -> torch.Tensor:
     """φ ← (φ + step · mean routing weight of this tick's selections) mod 2π; unselected experts stay."""
     mean_weight = weight_sums / counts.clamp_min(1.0)
-    return torch.remainder(phases + config.phase_step * mean_weight, TWO_PI)
+    return torch.remainder(phases + step * mean_weight, TWO_PI)
 
 
 def fast_temperature(usage: torch.Tensor, coherence_value: torch.Tensor, config: PTConfig) -> torch.Tensor:
@@ -78,29 +79,29 @@ def ema(field: torch.Tensor, target: torch.Tensor, rate: torch.Tensor | float) -
     return field + rate * (target - field)
 
 
-def paper_temperature_target(usage: torch.Tensor, config: PTConfig) -> torch.Tensor:
+def paper_temperature_target(usage: torch.Tensor, kappa: float) -> torch.Tensor:
     """The write-up's target f(u) = 1 + tanh(κ (u − 1/N)); 1 while no usage was seen."""
     num_experts = usage.shape[-1]
     seen = usage.sum(dim=-1, keepdim=True) > 0
-    target = 1.0 + torch.tanh(config.paper_kappa * (usage_share(usage) - 1.0 / num_experts))
+    target = 1.0 + torch.tanh(kappa * (usage_share(usage) - 1.0 / num_experts))
     return torch.where(seen, target, 1.0)
 
 
-def commitment_credit(loss_window: torch.Tensor, config: PTConfig) -> torch.Tensor:
+def commitment_credit(loss_window: torch.Tensor, scale: float) -> torch.Tensor:
     """Delayed-commitment credit c ∈ [0, 1] from the last 2W losses (oldest first, NaN = no signal).
 
     c = clip(scale · (mean(older W) − mean(newer W)) / |mean(older W)|, 0, 1): the relative
     improvement of the mean loss over the last W ticks versus the W before. A half with no
     finite loss gives c = 0, so without a loss signal nothing commits.  ``[..., 2W] -> [..., 1, 1]``.
     """
-    window = config.credit_window
+    window = loss_window.shape[-1] // 2
     older = torch.nanmean(loss_window[..., :window], dim=-1)
     newer = torch.nanmean(loss_window[..., window:], dim=-1)
     improvement = (older - newer) / older.abs().clamp_min(1e-12)
-    credit = torch.nan_to_num(config.credit_scale * improvement, nan=0.0, posinf=0.0, neginf=0.0)
+    credit = torch.nan_to_num(scale * improvement, nan=0.0, posinf=0.0, neginf=0.0)
     return credit.clamp(0.0, 1.0)[..., None, None]
 
 
-def loss_free_bias_update(counts: torch.Tensor, config: PTConfig) -> torch.Tensor:
+def loss_free_bias_update(counts: torch.Tensor, rate: float) -> torch.Tensor:
     """DeepSeek's sign rule increment u · sign(mean load − load_k) for this tick's loads ``[..., E]``."""
-    return config.loss_free_rate * torch.sign(counts.mean(dim=-1, keepdim=True) - counts)
+    return rate * torch.sign(counts.mean(dim=-1, keepdim=True) - counts)
