@@ -114,6 +114,8 @@ class PTConfig:
             fail("credit_window", "must be >= 1")
         if not isinstance(self.learnable, bool):
             fail("learnable", "must be a bool")
+        if self.dynamics == "paper" and self.usage != "ema":
+            fail("usage", "the paper dynamics is defined on the EMA usage share u; set usage='ema'")
         if self.dynamics == "loss_free" and self.mode == "temperature":
             fail("mode", "the loss_free dynamics has no temperature field; use off, pressure or pt")
 

@@ -36,6 +36,8 @@ STATE_FILE = "controller.safetensors"
 CONFIG_FILE = "controller_config.json"
 FORMAT_VERSION = 1
 
+# Routing weights are clipped to this magnitude so that their per-tick sums stay finite.
+MAX_ROUTING_WEIGHT = 1e4
 # Config fields that may differ between the groups of a stacked controller.
 PER_GROUP_FIELDS = ("eta", "pressure_scale", "mode", "seed")
 # Config fields that decide the state's layout or meaning; a saved state must match them.
@@ -268,7 +270,8 @@ class PTController(nn.Module):
             expert_index: ``[tokens, k]`` integer ids of the selected experts (stacked: C equal
                 consecutive blocks of tokens, one per group).
             weights: ``[tokens, k]`` routing weights of those selections (default 1/K each); they
-                drive the coherence phases. Non-finite weights count as 0.
+                drive the coherence phases. Non-finite weights count as 0; magnitudes are
+                clipped to ``MAX_ROUTING_WEIGHT``.
             mask: ``[tokens]`` bool, True for real tokens; padding is excluded from every count.
         """
         self._check_layer(layer)
@@ -295,7 +298,7 @@ class PTController(nn.Module):
                     f"PTController.observe: weights must have shape {tuple(expert_index.shape)}, got {tuple(weights.shape)}"
                 )
             weight = torch.nan_to_num(weights.to(device=device, dtype=dtype).reshape(groups), nan=0.0,
-                                      posinf=0.0, neginf=0.0) * counted
+                                      posinf=0.0, neginf=0.0).clamp(-MAX_ROUTING_WEIGHT, MAX_ROUTING_WEIGHT) * counted
         self._tick_counts[:, layer].scatter_add_(1, index, counted)
         self._tick_weight_sums[:, layer].scatter_add_(1, index, weight)
 
@@ -328,10 +331,15 @@ class PTController(nn.Module):
 
     def _record_loss(self, loss: torch.Tensor | float | None) -> None:
         window = self._loss_window                                                       # [C, 2W]
-        value = math.nan if loss is None else loss
-        value = torch.as_tensor(value).detach().to(device=window.device, dtype=window.dtype)
-        value = torch.where(torch.isfinite(value), value, math.nan).reshape(-1, 1).expand(self.num_groups, 1)
-        window.copy_(torch.cat((window[:, 1:], value), dim=1))
+        window.copy_(window.roll(-1, dims=1))
+        if not torch.is_tensor(loss):
+            # A Python number is written as a kernel argument: no host-to-device copy, no sync.
+            value = math.nan if loss is None or not math.isfinite(loss) else float(loss)
+            window[:, -1].fill_(value)
+            return
+        # A tensor loss is best passed where the model computed it (already on this device).
+        value = loss.detach().to(device=window.device, dtype=window.dtype).reshape(-1)
+        window[:, -1].copy_(torch.where(torch.isfinite(value), value, math.nan).expand(self.num_groups))
 
     def _update_fields(self) -> None:
         shared = self.configs[0]
