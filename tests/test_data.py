@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+
 from chronovisor.eval.data import (
     IGNORE_INDEX,
     PAD_ID,

@@ -5,6 +5,7 @@ import math
 import numpy as np
 import pytest
 import torch
+
 from chronovisor.eval.data import ConversationConfig, ConversationGenerator
 from chronovisor.eval.metrics import (
     delta_loss_pct,

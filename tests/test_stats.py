@@ -4,6 +4,7 @@ import math
 
 import numpy as np
 import pytest
+
 from chronovisor.eval.stats import (
     holm_correction,
     iqm,
