@@ -42,7 +42,7 @@ def _parse_max_memory(text: str | None) -> dict | None:
         device, sep, size = item.partition("=")
         if not sep or not size:
             raise SystemExit(f"--max-memory: expected DEVICE=SIZE items, got {item!r}")
-        budget[int(device) if device.isdigit() else device] = size
+        budget[int(device) if device.isdigit() else device] = int(size) if size.isdigit() else size
     return budget
 
 
@@ -209,9 +209,14 @@ _SUBCOMMANDS: list = [_add_inspect, _add_train, _add_sweep, _add_report]
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one subcommand. Bad input (an unsupported model, a missing file, an invalid value)
+    exits with status 1 and a one-line message naming the problem (no traceback)."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, FileNotFoundError) as error:  # WrapperError and config errors are ValueErrors
+        raise SystemExit(f"chronovisor {args.command}: error: {error}") from None
 
 
 if __name__ == "__main__":

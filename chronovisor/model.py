@@ -189,10 +189,11 @@ class ChronovisorModel(nn.Module):
         if saved.get("family") not in (None, info.family):
             raise ValueError(f"controller in {directory} was saved for the {saved['family']} family, "
                              f"but {info.model_class} is {info.family}")
-        for name in ("num_layers", "num_experts", "top_k"):
-            if saved[name] != getattr(info, name):
-                raise ValueError(f"controller in {directory} has {name}={saved[name]}, but {info.model_class} "
-                                 f"needs {name}={getattr(info, name)}")
+        mismatches = [f"{name}={saved[name]} (the model needs {name}={getattr(info, name)})"
+                      for name in ("num_layers", "num_experts", "top_k") if saved[name] != getattr(info, name)]
+        if mismatches:
+            raise ValueError(f"controller in {directory} does not fit {info.model_class}: it has "
+                             f"{', '.join(mismatches)}")
         controller = PTController.load(directory, map_location=_execution_device(base_model, info))
         controller.requires_grad_(is_trainable)
         return cls(base_model, controller, tick=tick)
@@ -228,13 +229,16 @@ def load_base_model(name_or_path: str, *, seed: int = 0, device_map: str | dict 
     """
     if name_or_path in list_presets():
         model = build_toy(name_or_path, seed=seed)
+        model.config.name_or_path = name_or_path  # recorded by save_pretrained as the base model
         if torch_dtype is not None:
             model = model.to(_dtype(torch_dtype))
         if device_map is not None:
             from accelerate import dispatch_model, infer_auto_device_map
 
             if isinstance(device_map, str):
-                device_map = infer_auto_device_map(model, max_memory=max_memory)
+                model.tie_weights()
+                device_map = infer_auto_device_map(model, max_memory=max_memory,
+                                                   no_split_module_classes=model._no_split_modules)
             model = dispatch_model(model, device_map=device_map, offload_dir=offload_folder)
         return model.eval()
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM

@@ -85,10 +85,13 @@ def train_controller(model: ChronovisorModel, batches: Iterable[Mapping[str, tor
 
     config = config or TrainConfig()
     controller = model.controller
+    if controller.stacked:
+        raise ValueError("train_controller trains one configuration: the controller is stacked")
     if not controller.config.learnable:
         raise ValueError("train_controller needs PTConfig(learnable=True): the controller has no trainable offsets")
     if controller.config.mode == "off":
         raise ValueError("train_controller: mode 'off' ignores the controller, so its offsets cannot learn")
+    _check_routing_has_gradient(model)
     model.freeze_base()
     model.base_model.eval()
     parameters = [p for p in controller.parameters() if p.requires_grad]
@@ -133,14 +136,28 @@ def train_controller(model: ChronovisorModel, batches: Iterable[Mapping[str, tor
     return log
 
 
+def _check_routing_has_gradient(model: ChronovisorModel) -> None:
+    """Refuse top-1 routing whose weight is the constant 1: the loss ignores the router logits.
+
+    (Autograd still returns rounding noise of ~1e-10 there, so this is decided from the family's
+    selection rule rather than from the gradients.)
+    """
+    info, attachment = model.info, model.attachment
+    if info.top_k == 1 and all(attachment.adapter.constant_single_weight(site.module) for site in attachment.sites):
+        raise ZeroGradientError(
+            f"the controller's offsets get no gradient through {info.model_class} ({info.family}, top-1, "
+            f"{info.selection_rule}): with a single expert whose weight is renormalised to 1 the loss does not "
+            f"depend on the router logits, so gradient training cannot steer it; use the online P×T dynamics "
+            f"(no training) or a model with top_k >= 2"
+        )
+
+
 def _check_gradient_flows(model: ChronovisorModel, parameters: list[torch.nn.Parameter]) -> None:
     """Raise :class:`ZeroGradientError` if no offset received any gradient (one host sync, once)."""
     total = sum(p.grad.abs().sum() for p in parameters if p.grad is not None)
     if not torch.is_tensor(total) or float(total) == 0.0:
         info = model.info
         raise ZeroGradientError(
-            f"the controller's offsets get no gradient through {info.model_class} ({info.family}, top-{info.top_k}, "
-            f"{info.selection_rule}). With top-1 routing whose weight is renormalised to 1 the loss does not "
-            f"depend on the router logits, so gradient training cannot steer it; use the online P×T dynamics "
-            f"(no training) or a model with top_k >= 2"
+            f"the controller's offsets got no gradient at all through {info.model_class} ({info.family}, "
+            f"top-{info.top_k}, {info.selection_rule}) on the first batch"
         )

@@ -144,6 +144,11 @@ class FamilyAdapter:
         """HF's own decision, read from its unmodified output (for recording only)."""
         return Routing(output, output[2], output[1])
 
+    def constant_single_weight(self, module: nn.Module) -> bool:
+        """Whether top-1 routing gives every token the weight 1 (renormalised, or a softmax over
+        the one choice): then the loss does not depend on the router logits at all."""
+        return True
+
     def select(self, module: nn.Module, args: tuple, output: tuple, z: torch.Tensor,
                selection_bias: torch.Tensor | None) -> Routing:
         """Re-run the family's exact selection with ``z [tokens, E]`` in place of the logits.

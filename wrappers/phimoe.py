@@ -57,4 +57,8 @@ class PhimoeAdapter(FamilyAdapter):
         return Routing((z, routing_weights, selected_experts), selected_experts, routing_weights)
 
 
+    def constant_single_weight(self, module):
+        return False                      # sparsemixer always mixes two experts
+
+
 ADAPTER = PhimoeAdapter()

@@ -61,4 +61,8 @@ class Qwen2MoeAdapter(FamilyAdapter):
         return Routing((z, router_scores, router_indices), router_indices, router_scores)
 
 
+    def constant_single_weight(self, module):
+        return bool(module.norm_topk_prob)
+
+
 ADAPTER = Qwen2MoeAdapter()

@@ -133,4 +133,8 @@ class SwitchTransformersAdapter(FamilyAdapter):
                        dispatched)
 
 
+    def constant_single_weight(self, module):
+        return False                      # the weight is the top softmax probability, not renormalised
+
+
 ADAPTER = SwitchTransformersAdapter()
