@@ -110,7 +110,6 @@ class DeepseekV3Adapter(FamilyAdapter):
         )
         return Routing((z, topk_weights, topk_indices), topk_indices, topk_weights)
 
-
     def constant_single_weight(self, module):
         return bool(module.norm_topk_prob)
 

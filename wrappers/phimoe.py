@@ -56,7 +56,6 @@ class PhimoeAdapter(FamilyAdapter):
         )                                                                        # [tokens, 2] each
         return Routing((z, routing_weights, selected_experts), selected_experts, routing_weights)
 
-
     def constant_single_weight(self, module):
         return False                      # sparsemixer always mixes two experts
 

@@ -60,7 +60,6 @@ class Qwen2MoeAdapter(FamilyAdapter):
         router_scores, router_indices = select_experts(z, module.top_k, module.norm_topk_prob, selection_bias)
         return Routing((z, router_scores, router_indices), router_indices, router_scores)
 
-
     def constant_single_weight(self, module):
         return bool(module.norm_topk_prob)
 

@@ -132,7 +132,6 @@ class SwitchTransformersAdapter(FamilyAdapter):
         return Routing((expert_index, router_probs, z), chosen.reshape(-1, 1), router_probs.reshape(-1, 1),
                        dispatched)
 
-
     def constant_single_weight(self, module):
         return False                      # the weight is the top softmax probability, not renormalised
 
