@@ -1,0 +1,224 @@
+"""The paired protocols: pairing, causality, frozen bases, controller-only training, model directories."""
+
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from chronovisor.controllers import PTConfig
+from chronovisor.eval import data as data_lib
+from chronovisor.eval.protocols import (
+    BASES_DIR,
+    CellSpec,
+    DataSpec,
+    EvalSpec,
+    TrainSpec,
+    model_inputs,
+    run_cell,
+    training_schedule,
+    variant_config,
+)
+from chronovisor.wrappers import build_toy
+
+# A small world with real phase structure: 7 turns of 4-8 tokens, vocabulary 64.
+TINY_WORLD = dict(vocab_size=64, phase_vocab_size=12, topic_vocab_size=8, min_turn_length=4, max_turn_length=8,
+                  min_length=32, max_length=56)
+DATA = DataSpec(num_train=4, num_heldout=3, num_warmup=6, generator=TINY_WORLD)
+TRAIN = TrainSpec(steps=6, lr=1e-2, pretrain_steps=6)
+EVAL = EvalSpec(null_permutations=10, trajectory_every=1)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """Tiny models run no faster on two threads, and OpenMP barriers spin badly when another process
+    holds a core; one thread keeps these tests fast on a busy 2-core machine."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def cell(protocol, model="mixtral-tiny", seed=0, mode="pt", **controller):
+    config = None
+    if mode != "off":
+        config = variant_config(mode, seed=seed, learnable=protocol == "controller_only", **controller)
+    return CellSpec(protocol, model, seed, config, DATA, TRAIN, EVAL)
+
+
+# ------------------------------------------------------------------------------ identity
+def test_off_arm_is_shared_by_every_controller_setting_of_a_seed():
+    a = cell("joint", eta=0.01, pressure_scale=0.5)
+    b = cell("joint", eta=0.03, pressure_scale=1.0, usage="ema")
+    assert a.cell_id != b.cell_id
+    assert a.paired_off() == b.paired_off()
+    assert a.paired_off().cell_id == cell("joint", mode="off").cell_id
+    assert cell("joint", seed=1, mode="off").cell_id != a.paired_off().cell_id
+
+
+def test_cell_id_ignores_settings_the_protocol_never_reads():
+    base = cell("joint")
+    unused = dataclasses.replace(base, train=dataclasses.replace(TRAIN, pretrain_steps=99, controller_lr=0.5))
+    assert unused.cell_id == base.cell_id
+    used = dataclasses.replace(base, train=dataclasses.replace(TRAIN, steps=7))
+    assert used.cell_id != base.cell_id
+
+
+def test_cell_spec_rejects_inconsistent_arms():
+    with pytest.raises(ValueError, match="learnable=True"):
+        CellSpec("controller_only", "mixtral-tiny", 0, PTConfig(seed=0), DATA, TRAIN, EVAL)
+    with pytest.raises(ValueError, match="seed"):
+        CellSpec("joint", "mixtral-tiny", 0, PTConfig(seed=3), DATA, TRAIN, EVAL)
+    with pytest.raises(ValueError, match="protocol"):
+        CellSpec("streaming", "mixtral-tiny", 0, None, DATA, TRAIN, EVAL)
+
+
+def test_loss_free_label_maps_to_the_deepseek_dynamics():
+    config = variant_config("loss_free", seed=0)
+    assert (config.dynamics, config.mode) == ("loss_free", "pressure")
+    assert CellSpec("joint", "mixtral-tiny", 0, config, DATA, TRAIN, EVAL).variant == "loss_free"
+
+
+def test_training_schedule_is_deterministic_and_covers_each_epoch():
+    schedule = training_schedule(5, 2, 10, seed=3)
+    assert schedule == training_schedule(5, 2, 10, seed=3)
+    assert schedule != training_schedule(5, 2, 10, seed=4)
+    flat = [i for batch in schedule for i in batch]
+    assert sorted(flat[:5]) == list(range(5)) and sorted(flat[5:10]) == list(range(5))
+    assert all(len(batch) == 2 for batch in schedule)
+
+
+# ----------------------------------------------------------------------------- causality
+@pytest.mark.parametrize("model_name", ["mixtral-tiny", "switch-tiny"])
+def test_no_position_sees_a_future_token(model_name):
+    """Changing the tail of a conversation leaves the loss of every earlier target unchanged."""
+    model = build_toy(model_name, seed=0)
+    batch = data_lib.ConversationGenerator(data_lib.ConversationConfig(**TINY_WORLD), seed=0).sample(1)
+    altered = dataclasses.replace(batch, input_ids=batch.input_ids.clone())
+    cut = batch.input_ids.shape[1] // 2
+    altered.input_ids[:, cut:] = (altered.input_ids[:, cut:] + 7) % 60 + 1
+    losses = []
+    for b in (batch, altered):
+        inputs = model_inputs(model, b, torch.device("cpu"))
+        with torch.no_grad():
+            logits = model(**inputs.kwargs, use_cache=False).logits
+        targets = inputs.targets.clamp_min(0)
+        losses.append(torch.nn.functional.cross_entropy(logits[0], targets[0], reduction="none"))
+    # Mixtral: logits[t] predicts x_{t+1} and reads x_0..x_t; Switch: logits[t] predicts x_t, reads x_0..x_{t-1}.
+    # (Expert kernels group tokens by expert, so other tokens can move the last float bits.)
+    visible = cut - 1 if model_name == "mixtral-tiny" else cut
+    torch.testing.assert_close(losses[0][:visible], losses[1][:visible], rtol=0, atol=1e-5)
+    assert (losses[0][visible:] - losses[1][visible:]).abs().max() > 1e-2
+
+
+def test_switch_encoder_sees_a_single_pad_token():
+    model = build_toy("switch-tiny", seed=0)
+    batch = data_lib.ConversationGenerator(data_lib.ConversationConfig(**TINY_WORLD), seed=0).sample(2)
+    inputs = model_inputs(model, batch, torch.device("cpu"))
+    assert inputs.kwargs["input_ids"].shape == (2, 1)
+    assert torch.equal(inputs.kwargs["decoder_input_ids"][:, 1:], batch.input_ids[:, :-1])
+    assert (inputs.targets[:, 0] == data_lib.IGNORE_INDEX).all()
+
+
+# ------------------------------------------------------------------------------- pairing
+@pytest.mark.parametrize("protocol", ["joint", "frozen", "controller_only"])
+def test_arms_start_from_the_same_weights_and_see_the_same_data(protocol, tmp_path):
+    on = run_cell(cell(protocol, eta=0.03, pressure_scale=1.0), tmp_path).record
+    off = run_cell(cell(protocol, mode="off"), tmp_path).record
+    assert on["paired_off_cell"] == off["cell_id"]
+    assert on["pairing"] == off["pairing"]
+    assert on["pairing"]["data_hash"] is not None
+    other_seed = run_cell(cell(protocol, seed=1, mode="off"), tmp_path).record
+    assert other_seed["pairing"]["init_hash"] != off["pairing"]["init_hash"]
+    # Identical held-out tokens, hence token-by-token comparable routing.
+    assert on["heldout"]["tokens"] == off["heldout"]["tokens"]
+    assert on["loss_floor"] == off["loss_floor"]
+    assert on["loss_floor"]["bayes"] < on["loss_floor"]["uniform"]
+    assert on["fields"]["ticks"] > 0 and off["fields"] is None
+
+
+def test_joint_trains_and_evaluates_on_held_out_data(tmp_path):
+    result = run_cell(cell("joint"), tmp_path)
+    record = result.record
+    assert record["train"]["steps"] == TRAIN.steps and "in-sample" in record["train"]["note"]
+    assert record["fields"]["ticks"] == TRAIN.steps
+    assert len(record["fields"]["trajectory"]["tick"]) == TRAIN.steps  # trajectory_every=1
+    layers = record["heldout"]["layers"]
+    assert [layer["layer"] for layer in layers] == list(result.routing)
+    assert all(ids.shape == (record["heldout"]["tokens"] + DATA.num_heldout, 2) for ids in result.routing.values())
+    for layer in layers:
+        assert layer["excess_separation"] == pytest.approx(layer["separation"] - layer["null_mean"])
+
+
+def test_frozen_base_is_pretrained_once_and_reused(tmp_path):
+    first = run_cell(cell("frozen", eta=0.01), tmp_path).record
+    second = run_cell(cell("frozen", eta=0.03), tmp_path).record
+    bases = list((tmp_path / BASES_DIR).iterdir())
+    assert len(bases) == 1
+    saved = json.loads((bases[0] / "base.json").read_text())
+    assert saved["state_hash"] == first["pairing"]["init_hash"] == second["pairing"]["init_hash"]
+    assert first["fields"]["ticks"] == DATA.num_warmup  # one tick per warm-up conversation (batch 1)
+    fresh = build_toy("mixtral-tiny", seed=0)
+    from chronovisor.eval.protocols import state_hash
+
+    assert state_hash(fresh) != saved["state_hash"]  # it was pretrained
+
+
+def test_controller_only_changes_no_base_parameter(tmp_path):
+    record = run_cell(cell("controller_only", eta=0.03, pressure_scale=1.0), tmp_path).record
+    assert record["base_params_changed"] == 0
+    assert record["train"]["steps"] == TRAIN.steps
+    offsets = record["fields"]["offsets"]
+    assert set(offsets) == {"pressure_offset", "log_temperature_offset"}
+    assert offsets["pressure_offset"] > 0  # the offsets did train
+    off = run_cell(cell("controller_only", mode="off"), tmp_path).record
+    assert off["train"] is None and off["base_params_changed"] == 0
+
+
+def test_switch_routing_metrics_use_the_decoder_routers(tmp_path):
+    result = run_cell(cell("joint", model="switch-tiny"), tmp_path)
+    assert all(name.startswith("decoder.") for name in result.routing)
+    assert all(ids.shape[1] == 1 for ids in result.routing.values())
+
+
+def test_a_model_directory_runs_like_a_preset(tmp_path):
+    directory = tmp_path / "model"
+    build_toy("mixtral-tiny", seed=5).save_pretrained(directory)
+    spec = dataclasses.replace(cell("frozen", model=str(directory)), train=dataclasses.replace(TRAIN, pretrain_steps=0))
+    record = run_cell(spec, tmp_path / "run").record
+    assert record["model_info"]["family"] == "mixtral"
+    assert record["heldout"]["loss"] > 0
+    assert not (tmp_path / "run" / BASES_DIR).exists()  # no pretraining requested
+
+
+@pytest.mark.parametrize("model_name", ["mixtral-tiny", "switch-tiny"])
+def test_padded_evaluation_batches_give_the_unpadded_loss(model_name, tmp_path):
+    single = run_cell(cell("joint", model=model_name, mode="off"), tmp_path / "a")
+    batched_spec = dataclasses.replace(cell("joint", model=model_name, mode="off"),
+                                       eval=dataclasses.replace(EVAL, batch_size=3))
+    batched = run_cell(batched_spec, tmp_path / "b")
+    assert batched.record["heldout"]["tokens"] == single.record["heldout"]["tokens"]
+    assert batched.record["heldout"]["loss"] == pytest.approx(single.record["heldout"]["loss"], abs=1e-4)
+    for name, ids in single.routing.items():
+        assert (batched.routing[name] == ids).mean() > 0.99
+
+
+def test_streaming_turn_by_turn_matches_the_full_forward_and_ticks_per_turn(tmp_path):
+    streaming = dataclasses.replace(EVAL, streaming=True)
+    full_off = run_cell(cell("joint", mode="off"), tmp_path).record["heldout"]
+    stream_off = run_cell(dataclasses.replace(cell("joint", mode="off"), eval=streaming), tmp_path).record["heldout"]
+    assert stream_off["streaming"] and stream_off["tokens"] == full_off["tokens"]
+    assert stream_off["loss"] == pytest.approx(full_off["loss"], abs=1e-4)  # the KV-cache path is the same model
+    stream_on = run_cell(dataclasses.replace(cell("joint"), eval=streaming), tmp_path).record
+    turns = DATA.num_heldout * len(data_lib.PHASES)
+    assert stream_on["fields"]["ticks"] == TRAIN.steps + turns
+
+
+def test_streaming_is_refused_for_encoder_decoder_models():
+    from chronovisor.eval.sweep import ConfigError, parse_config
+
+    with pytest.raises(ValueError, match="batch_size"):
+        EvalSpec(streaming=True, batch_size=2)
+    raw = {"protocol": "joint", "models": ["switch-tiny"], "seeds": 1, "eval": {"streaming": True}}
+    with pytest.raises(ConfigError, match="eval.streaming"):
+        parse_config(raw)

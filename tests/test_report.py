@@ -1,0 +1,116 @@
+"""The report: paired statistics, summary.md, ablation labels, heatmaps and trajectory plots."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from chronovisor.eval import metrics, stats, sweep
+from chronovisor.eval.report import load_run, summarize, write_report
+from chronovisor.eval.sweep import parse_config
+
+TINY_WORLD = dict(vocab_size=64, phase_vocab_size=12, topic_vocab_size=8, min_turn_length=4, max_turn_length=8,
+                  min_length=32, max_length=56)
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """Tiny models run no faster on two threads, and OpenMP barriers spin badly when another process
+    holds a core; one thread keeps these tests fast on a busy 2-core machine."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """2 seeds × (off, pt at two η, the reference's "P-only" η=0, pressure-only)."""
+    config = parse_config({
+        "name": "report-test",
+        "protocol": "joint",
+        "models": "mixtral-tiny",
+        "seeds": 2,
+        "data": dict(TINY_WORLD, num_train=4, num_heldout=3),
+        "train": {"steps": 6, "lr": 0.01},
+        "eval": {"null_permutations": 10, "trajectory_every": 1},
+        "grid": [{"eta": [0.0, 0.01, 0.03], "mode": ["pt"]}, {"mode": ["pressure"]}],
+    })
+    out = tmp_path_factory.mktemp("run")
+    outcome = sweep.run_sweep(config, out, progress=False)
+    assert outcome.complete and len(outcome.ran) == 10
+    return out
+
+
+def test_report_writes_summary_and_plots(run_dir):
+    report = write_report(run_dir)
+    text = report.summary_path.read_text()
+    assert report.summary_path == run_dir / "summary.md"
+    for heading in ("## Loss floor", "## Controller settings (paired vs the off arm)", "## Ablation", "## Plots"):
+        assert heading in text
+    assert 'pt · reference "P-only": η=0' in text
+    assert "| pressure | – | 0.5 |" in text and "off (baseline)" in text  # η does not act on a pressure arm
+    names = sorted(path.name for path in report.plots)
+    assert names == ["heatmap_joint_mixtral-tiny_pt.png", "trajectory_joint_mixtral-tiny_pressure.png",
+                     "trajectory_joint_mixtral-tiny_pt.png"]
+    for path in report.plots:
+        assert path.read_bytes()[:8] == PNG_MAGIC
+        assert f"](plots/{path.name})" in text
+    assert str(run_dir) not in text  # nothing machine-specific: resumed and fresh runs report alike
+
+
+def test_statistics_are_paired_per_seed(run_dir):
+    run = load_run(run_dir)
+    summaries = summarize(run)
+    assert len(summaries) == 4 and all(summary.n == 2 for summary in summaries)
+    for summary in summaries:
+        delta_loss, delta_excess = [], []
+        for seed in summary.seeds:
+            assert seed.on["paired_off_cell"] == seed.off["cell_id"]
+            assert seed.on["spec"]["seed"] == seed.off["spec"]["seed"] == seed.seed
+            delta_loss.append(metrics.delta_loss_pct(seed.on["heldout"]["loss"], seed.off["heldout"]["loss"]))
+            delta_excess.append(seed.on["heldout"]["mean_over_layers"]["excess_separation"]
+                                - seed.off["heldout"]["mean_over_layers"]["excess_separation"])
+            assert 0.0 <= seed.preservation <= 1.0
+        expected = stats.robustness(delta_loss, delta_excess)
+        assert (summary.robustness.successes, summary.robustness.n) == (expected.successes, expected.n)
+        assert summary.loss_ci.mean == pytest.approx(np.mean(delta_loss))
+    holm = stats.holm_correction([summary.wilcoxon.p_value for summary in summaries])
+    np.testing.assert_allclose([summary.holm_p for summary in summaries], holm)
+
+
+def test_report_of_an_incomplete_run_says_so(run_dir, tmp_path):
+    import shutil
+
+    partial = tmp_path / "partial"
+    shutil.copytree(run_dir, partial)
+    manifest = json.loads((partial / sweep.MANIFEST).read_text())
+    off = next(cell_id for cell_id in manifest["cells"] if "_s1_off_" in cell_id)
+    sweep.cell_path(partial, off).unlink()
+    text = write_report(partial).summary_path.read_text()
+    assert "**incomplete**: 1 missing" in text
+    assert all(summary.n == 1 for summary in summarize(load_run(partial)))
+
+
+def test_report_on_a_directory_without_a_run_fails_clearly(tmp_path, capsys):
+    from chronovisor import cli
+
+    assert cli.main(["report", str(tmp_path)]) == 2
+    assert "manifest.json is missing" in capsys.readouterr().err
+
+
+def test_pairs_run_under_different_numerics_are_flagged(run_dir, tmp_path):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(run_dir, copy)
+    path = next(path for path in (copy / sweep.CELLS_DIR).glob("*_s0_off_*.json"))
+    record = json.loads(path.read_text())
+    assert record["numerics"]["device"] == "cpu"
+    record["numerics"]["torch_threads"] += 1
+    path.write_text(json.dumps(record))
+    text = write_report(copy).summary_path.read_text()
+    assert "4 on/off pair(s) ran under different numerics" in text
+    assert "different numerics" not in write_report(run_dir).summary_path.read_text()

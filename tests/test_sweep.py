@@ -1,0 +1,237 @@
+"""Sweep configs, cells, resume after SIGKILL and 2-process sharding (real subprocesses)."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from chronovisor import cli
+from chronovisor.eval import sweep
+from chronovisor.eval.report import write_report
+from chronovisor.eval.sweep import ConfigError, load_config, parse_config
+
+TINY_WORLD = dict(vocab_size=64, phase_vocab_size=12, topic_vocab_size=8, min_turn_length=4, max_turn_length=8,
+                  min_length=32, max_length=56)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """Tiny models run no faster on two threads, and OpenMP barriers spin badly when another process
+    holds a core; one thread keeps these tests fast on a busy 2-core machine."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def tiny_config(**changes):
+    config = {
+        "name": "tiny",
+        "protocol": "joint",
+        "models": ["mixtral-tiny"],
+        "seeds": 2,
+        "data": dict(TINY_WORLD, num_train=4, num_heldout=3),
+        "train": {"steps": 6, "lr": "1e-2"},  # a string, as YAML reads 1e-2: accepted as a number
+        "eval": {"null_permutations": 10, "trajectory_every": 2},
+        "grid": {"eta": [0.01, 0.03], "pressure_scale": [1.0]},
+    }
+    config.update(changes)
+    return {key: value for key, value in config.items() if value is not None}
+
+
+def write_config(path: Path, config: dict) -> Path:
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def cli_env() -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env.pop("WORLD_SIZE", None)
+    return env
+
+
+# ------------------------------------------------------------------------------ configs
+def test_grid_expands_with_one_shared_off_arm_per_seed():
+    config = parse_config(tiny_config(grid={"eta": [0.01, 0.03], "pressure_scale": [0.5, 1.0]}))
+    cells = config.cells()
+    off = [cell for cell in cells if cell.is_off]
+    on = [cell for cell in cells if not cell.is_off]
+    assert len(off) == 2 and len(on) == 8
+    assert len({cell.cell_id for cell in cells}) == len(cells)
+    for cell in on:
+        assert cell.paired_off().cell_id in {o.cell_id for o in off}
+        assert cell.controller.seed == cell.seed
+    assert config.train.lr == 0.01
+
+
+def test_grid_accepts_a_union_of_grids_and_the_ablation_labels():
+    config = parse_config(tiny_config(grid=[{"mode": ["off", "pressure", "temperature", "pt", "loss_free"]},
+                                            {"mode": ["pt"], "eta": [0.0]}]))
+    variants = sorted(cell.variant for cell in config.cells() if cell.seed == 0)
+    assert variants == ["loss_free", "off", "pressure", "pt", "pt", "temperature"]
+
+
+@pytest.mark.parametrize("change, key", [
+    ({"protocl": "joint"}, "protocl"),
+    ({"protocol": "online"}, "protocol"),
+    ({"models": ["mixtral-2l9e"]}, "models[0]"),
+    ({"seeds": [0, 0]}, "seeds"),
+    ({"train": {"steps": "ten"}}, "train.steps"),
+    ({"train": {"stepz": 3}}, "train.stepz"),
+    ({"data": {"vocab_size": 4}}, "vocab_size"),
+    ({"eval": {"null_permutations": 1}}, "eval.null_permutations"),
+    ({"grid": {"eta": [0.01, 2.0]}}, "eta"),
+    ({"grid": {"eta": 0.01}}, "grid.eta"),
+    ({"grid": {"temperture": [1.0]}}, "grid.temperture"),
+    ({"grid": {"mode": ["warm"]}}, "grid.mode[0]"),
+    ({"controller": {"seed": 3}}, "controller.seed"),
+    ({"controller": {"usage": "fossil"}}, "usage"),
+    ({"data": dict(TINY_WORLD, vocab_size=2000, phase_vocab_size=12)}, "data.vocab_size"),
+])
+def test_bad_configs_fail_naming_the_key(change, key):
+    with pytest.raises(ConfigError) as error:
+        parse_config(tiny_config(**change))
+    assert key in str(error.value)
+
+
+def test_bad_config_fails_before_any_work(tmp_path, capsys):
+    config = write_config(tmp_path / "bad.yaml", tiny_config(train={"steps": 6, "learning_rate": 1e-3}))
+    out = tmp_path / "run"
+    assert cli.main(["sweep", str(config), "--out", str(out)]) == 2
+    assert "train.learning_rate" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_env_expansion_and_set_overrides(tmp_path, monkeypatch):
+    from chronovisor.wrappers import build_toy
+
+    model_dir = tmp_path / "my-model"
+    build_toy("mixtral-tiny").save_pretrained(model_dir)
+    path = write_config(tmp_path / "c.yaml", tiny_config(models=None, model="${MODEL_DIR}"))
+    monkeypatch.delenv("MODEL_DIR", raising=False)
+    with pytest.raises(ConfigError, match="MODEL_DIR"):
+        load_config(path)
+    monkeypatch.setenv("MODEL_DIR", str(model_dir))
+    config = load_config(path, ["train.steps=3", "grid.eta=[0.02]"])
+    assert config.models == (str(model_dir),)
+    assert config.train.steps == 3 and config.grid[0]["eta"] == (0.02,)
+    with pytest.raises(ConfigError, match="model"):
+        load_config(path, [f"model={tmp_path / 'missing'}"])
+
+
+# ------------------------------------------------------------------- resume and sharding
+def test_sigkilled_sweep_resumes_to_the_same_summary(tmp_path):
+    """All three runs are CLI subprocesses with one environment, so every cell runs under equal numerics."""
+    config_path = write_config(tmp_path / "tiny.yaml", tiny_config())
+
+    def sweep_command(out: Path) -> list[str]:
+        return [sys.executable, "-m", "chronovisor.cli", "sweep", str(config_path), "--out", str(out), "--no-progress"]
+
+    reference = tmp_path / "uninterrupted"
+    subprocess.run(sweep_command(reference), env=cli_env(), check=True, capture_output=True, timeout=300)
+    write_report(reference)
+    with pytest.raises(ConfigError, match="another config"):
+        sweep.run_sweep(parse_config(tiny_config(seeds=[5])), reference, progress=False)
+
+    interrupted = tmp_path / "interrupted"
+    process = subprocess.Popen(sweep_command(interrupted), env=cli_env(), stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, start_new_session=True)
+    cells = interrupted / sweep.CELLS_DIR
+    deadline = time.monotonic() + 120
+    while not (cells.is_dir() and any(cells.glob("*.json"))):
+        assert process.poll() is None, process.stderr.read().decode()
+        assert time.monotonic() < deadline, "no cell finished in time"
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    finished = sorted(path.name for path in cells.glob("*.json"))
+    total = len(parse_config(tiny_config()).cells())
+    assert 1 <= len(finished) < total
+    assert json.loads((interrupted / sweep.MANIFEST).read_text())["finished"] is None
+    before = {name: (cells / name).read_text() for name in finished}
+
+    resumed = subprocess.run(sweep_command(interrupted), env=cli_env(), check=True, capture_output=True, text=True,
+                             timeout=300)
+    assert f"skipped {len(finished)} finished" in resumed.stderr
+    manifest = json.loads((interrupted / sweep.MANIFEST).read_text())
+    assert manifest["finished"] is not None and len(manifest["resumed"]) == 1
+    assert all((cells / name).read_text() == text for name, text in before.items())  # kept, not redone
+    assert not list(cells.glob(".*.tmp"))
+    write_report(interrupted)
+    assert (interrupted / "summary.md").read_text() == (reference / "summary.md").read_text()
+
+
+def test_two_processes_run_every_cell_exactly_once(tmp_path):
+    config_path = write_config(tmp_path / "tiny.yaml", tiny_config(seeds=[0, 1, 2], grid={"eta": [0.03]}))
+    out = tmp_path / "run"
+    command = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+               "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
+               "-m", "chronovisor.cli", "sweep", str(config_path), "--out", str(out), "--no-progress"]
+    launcher = Path(sys.executable).with_name("accelerate")
+    completed = subprocess.run([str(launcher)] + command[1:], env=cli_env(), capture_output=True, text=True,
+                               timeout=300)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    cells = parse_config(tiny_config(seeds=[0, 1, 2], grid={"eta": [0.03]})).cells()
+    ran = [int(line.split(" ran ")[1].split()[0]) for line in completed.stderr.splitlines() if "] ran " in line]
+    assert sorted(ran) == [3, 3] and sum(ran) == len(cells)
+    for index, cell in enumerate(cells):
+        record = json.loads(sweep.cell_path(out, cell.cell_id).read_text())
+        assert record["process_index"] == index % 2
+    assert json.loads((out / sweep.MANIFEST).read_text())["finished"] is not None
+
+
+# ------------------------------------------------------------------- the shipped configs
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
+
+@pytest.mark.parametrize("name", sorted(path.name for path in CONFIGS.glob("*.yaml")))
+def test_shipped_configs_validate(name, tmp_path, monkeypatch):
+    from chronovisor.wrappers import build_toy
+
+    build_toy("mixtral-tiny").save_pretrained(tmp_path / "model")
+    (tmp_path / "chats.jsonl").write_text('{"turns": ["hello"]}\n')
+    monkeypatch.setenv("MODEL_DIR", str(tmp_path / "model"))
+    monkeypatch.setenv("CONVERSATIONS", str(tmp_path / "chats.jsonl"))
+    config = load_config(CONFIGS / name)
+    assert config.cells()
+
+
+def test_pretrained_frozen_config_runs_on_a_model_directory_with_jsonl(tmp_path, monkeypatch):
+    """configs/pretrained_frozen.yaml end to end on a small saved model with its own tokenizer."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from chronovisor.wrappers import build_toy
+
+    words = "hello there how are you i am fine thanks what about the weather it is sunny today".split()
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(["[UNK]", "[PAD]"] + words)}, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    model_dir = tmp_path / "model"
+    build_toy("mixtral-tiny", seed=3).save_pretrained(model_dir)
+    PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", pad_token="[PAD]").save_pretrained(model_dir)
+    rng = __import__("random").Random(0)
+    lines = [json.dumps({"turns": [" ".join(rng.choices(words, k=rng.randint(3, 8))) for _ in range(rng.randint(2, 5))]})
+             for _ in range(12)]
+    (tmp_path / "chats.jsonl").write_text("\n".join(lines) + "\n")
+    monkeypatch.setenv("MODEL_DIR", str(model_dir))
+    monkeypatch.setenv("CONVERSATIONS", str(tmp_path / "chats.jsonl"))
+    config = load_config(CONFIGS / "pretrained_frozen.yaml",
+                         ["seeds=1", "data.num_warmup=4", "eval.null_permutations=5", "grid.mode=[pt]"])
+    outcome = sweep.run_sweep(config, tmp_path / "run", progress=False)
+    assert outcome.complete and len(outcome.ran) == 2
+    text = write_report(tmp_path / "run").summary_path.read_text()
+    assert "| frozen |" in text
