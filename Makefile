@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 # would pull the multi-GB CUDA bundle, so torch is installed only when it is not importable.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: env test demo bench lint clean
+.PHONY: env test test-gpu demo bench lint clean
 
 $(VENV)/.installed: pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -18,6 +18,9 @@ env: $(VENV)/.installed
 
 test: env
 	$(PY) -m pytest -q
+
+test-gpu: env
+	$(PY) -m pytest -q -m gpu
 
 demo: env
 	$(PY) -m chronovisor.cli sweep configs/quickstart.yaml --out runs/quickstart

@@ -625,7 +625,7 @@ def test_toy_presets():
     assert (sixteen.num_layers, sixteen.num_experts, sixteen.top_k) == (4, 16, 2)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.gpu
 def test_cuda_identity_and_counts_with_controller_on_the_device():
     model = build_toy("mixtral-tiny", seed=0).cuda()
     info = describe(model)

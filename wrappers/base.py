@@ -466,7 +466,14 @@ class Attachment:
 
 
 def _recomputing_in_backward() -> bool:
-    """True while autograd's engine runs this forward again (activation checkpointing recompute)."""
+    """True while autograd's engine runs this forward again (activation checkpointing recompute).
+
+    Under torch.compile the recompute happens inside the compiled backward and never re-runs
+    Python hooks, so the answer is False there (and the graph-task query, which returns a Python
+    int, would break ``fullgraph=True``).
+    """
+    if torch.compiler.is_compiling():
+        return False
     current = getattr(torch._C, "_current_graph_task_id", None)
     return current is not None and current() != -1
 
