@@ -897,3 +897,236 @@ def _count_changed(module: torch.nn.Module, before: dict[str, str]) -> int:
     """Number of parameters/buffers whose bytes differ from the ``before`` hashes."""
     after = tensor_hashes(module)
     return sum(after.get(name) != digest for name, digest in before.items())
+
+
+# ------------------------------------------------------------------- stacked frozen cells
+#: PTConfig fields in which the cells of one :func:`run_cells_stacked` call may differ.
+STACKABLE_CONTROLLER_FIELDS = ("eta", "pressure_scale", "mode", "seed")
+
+
+def stack_key(cell: CellSpec) -> str | None:
+    """Cells with the same key (and the ``frozen`` protocol) can run together in
+    :func:`run_cells_stacked`: the same model, seed, data, training, evaluation and load settings,
+    and the same controller apart from :data:`STACKABLE_CONTROLLER_FIELDS`. Off arms (None) join
+    any key of their (model, seed, settings); see :func:`stack_group_key`."""
+    if cell.controller is None:
+        return None
+    fields = cell.controller.to_dict()
+    for name in STACKABLE_CONTROLLER_FIELDS:
+        fields.pop(name, None)
+    return stable_hash(fields)
+
+
+def stack_group_key(cell: CellSpec) -> str:
+    """The non-controller part of the stacking key: everything but the controller must be equal."""
+    settings = cell.relevant_settings()
+    settings.pop("controller")
+    return stable_hash(settings)
+
+
+def check_stackable(cells: list[CellSpec]) -> None:
+    """Raise ValueError naming the first setting in which ``cells`` cannot share one stacked run."""
+    if not cells:
+        raise ValueError("run_cells_stacked: no cells")
+    first = cells[0]
+    for cell in cells:
+        if cell.protocol != "frozen":
+            raise ValueError(f"run_cells_stacked: only the frozen protocol can stack configurations "
+                             f"(cell {cell.cell_id} has protocol {cell.protocol!r})")
+        if cell.eval.streaming:
+            raise ValueError(f"run_cells_stacked: eval.streaming ticks per turn of one conversation and cannot "
+                             f"be stacked (cell {cell.cell_id})")
+        mine, theirs = cell.relevant_settings(), first.relevant_settings()
+        for name in ("model", "seed", "data", "train", "eval", "load"):
+            if mine[name] != theirs[name]:
+                detail = ""
+                if isinstance(mine[name], dict):
+                    keys = sorted(k for k in set(mine[name]) | set(theirs[name])
+                                  if mine[name].get(k) != theirs[name].get(k))
+                    detail = f" ({', '.join(f'{name}.{k}' for k in keys)})"
+                raise ValueError(f"run_cells_stacked: cells differ in {name}{detail}: {first.cell_id} vs "
+                                 f"{cell.cell_id}; stacked cells may differ only in controller "
+                                 f"{', '.join(STACKABLE_CONTROLLER_FIELDS)}")
+    on = [cell for cell in cells if cell.controller is not None]
+    for cell in on[1:]:
+        reference, other = on[0].controller.to_dict(), cell.controller.to_dict()
+        differing = sorted(k for k in reference if k not in STACKABLE_CONTROLLER_FIELDS and reference[k] != other.get(k))
+        if differing:
+            raise ValueError(f"run_cells_stacked: controllers differ in {', '.join(f'controller.{k}' for k in differing)} "
+                             f"({on[0].cell_id}: {', '.join(f'{k}={reference[k]!r}' for k in differing)}; "
+                             f"{cell.cell_id}: {', '.join(f'{k}={other.get(k)!r}' for k in differing)}); stacked "
+                             f"cells may differ only in controller {', '.join(STACKABLE_CONTROLLER_FIELDS)}")
+
+
+class _GroupFields:
+    """One group's fields of a stacked controller, as :class:`FieldTrajectory` reads a single one."""
+
+    def __init__(self, controller, group: int):
+        self._controller, self._group = controller, group
+
+    @property
+    def ticks(self) -> int:
+        return self._controller.ticks
+
+    @property
+    def T_bar_global(self) -> torch.Tensor:
+        return self._controller.T_bar_global[self._group]
+
+    @property
+    def T_bar_local(self) -> torch.Tensor:
+        return self._controller.T_bar_local[self._group]
+
+    @property
+    def pressure(self) -> torch.Tensor:
+        return self._controller.pressure[self._group]
+
+    @property
+    def temperature(self) -> torch.Tensor:
+        return self._controller.temperature[self._group]
+
+
+@dataclass
+class _GroupRecord:
+    """One group's slice of a stacked forward's :class:`~chronovisor.model.RoutingRecord`."""
+
+    layer_names: list[str]
+    layer_stacks: list[str]
+    expert_index: list[torch.Tensor]
+
+
+def _split_record(record, groups: int) -> list[_GroupRecord]:
+    """Group c's routing: the c-th of ``groups`` equal consecutive blocks of every layer's tokens."""
+    blocks = [index.view(groups, -1, index.shape[-1]) for index in record.expert_index]
+    return [_GroupRecord(record.layer_names, record.layer_stacks, [block[g] for block in blocks])
+            for g in range(groups)]
+
+
+def _repeat_batch(tensors: dict[str, torch.Tensor], groups: int) -> dict[str, torch.Tensor]:
+    """Every tensor repeated ``groups`` times along the batch axis (group c = the c-th block)."""
+    return {name: value.repeat(groups, *([1] * (value.dim() - 1))) for name, value in tensors.items()}
+
+
+def run_cells_stacked(cells: list[CellSpec], work_dir: str | Path, device: torch.device | str = "cpu",
+                      max_group: int | None = None) -> list[ArmResult]:
+    """Run several ``frozen`` cells of one seed in stacked forwards; returns what :func:`run_cell`
+    returns for each cell, in order (same record keys and values, same routing).
+
+    The cells must share protocol (``frozen``), model, seed, data, training, evaluation and load
+    settings, and their controllers may differ only in :data:`STACKABLE_CONTROLLER_FIELDS` (else a
+    ValueError names the differing setting). Off arms join as a ``mode="off"`` group (identity:
+    b = 0, T = 1, bit-identical logits). The frozen base is pretrained (or loaded from the cache)
+    once; then for each chunk of at most ``max_group`` cells (default: all) the base is wrapped
+    once with a stacked controller (``PTController(L, E, K, [config_1, ..., config_C])``), every
+    warm-up batch is fed repeated C times along the batch axis (group c = configuration c) with one
+    tick per batch and each group's own loss, and the held-out batches likewise, split per group
+    into each cell's record. Memory: activations of C × ``eval.batch_size`` / ``train.batch_size``
+    conversations per forward. ``wall_time_s`` of each record is its share of the whole call.
+    """
+    import chronovisor
+
+    check_stackable(cells)
+    if max_group is not None and max_group < 1:
+        raise ValueError(f"run_cells_stacked: max_group must be >= 1 (got {max_group})")
+    started = time.perf_counter()
+    device = torch.device(device)
+    work_dir = Path(work_dir)
+    first = cells[0]
+    torch.manual_seed(first.seed)
+    conversations = load_conversations(first.data, first.seed, first.model, first.protocol)
+    base = pretrained_base(first, conversations, work_dir, device)
+    vocab = base.get_output_embeddings().weight.shape[0]
+    if conversations.vocab_size > vocab:
+        raise ValueError(f"data vocabulary ({conversations.vocab_size} ids) exceeds the model's ({vocab}) for {first.model}")
+    init_hash = state_hash(base)
+    warmup = conversations.warmup
+    if warmup is None:
+        raise ValueError("protocol frozen needs a warm-up stream: set data.num_warmup >= 1")
+    base.requires_grad_(False)
+    before = tensor_hashes(base)
+    size = first.train.batch_size
+    schedule = [list(range(i, min(i + size, len(warmup)))) for i in range(0, len(warmup), size)]
+    data_hash = schedule_hash(schedule, warmup)
+    # Inputs are the same for every group and chunk: build them once.
+    warmup_inputs = [model_inputs(base, warmup.select(indices), device) for indices in schedule]
+    heldout_batches = []
+    for start in range(0, len(conversations.heldout), first.eval.batch_size):
+        indices = list(range(start, min(start + first.eval.batch_size, len(conversations.heldout))))
+        heldout_batches.append((indices, model_inputs(base, conversations.heldout.select(indices), device)))
+
+    on = next((cell.controller for cell in cells if cell.controller is not None), None)
+    chunk = max_group or len(cells)
+    parts: list[tuple[CellSpec, dict[str, Any], dict[str, np.ndarray], dict[str, Any] | None, dict[str, Any]]] = []
+    for offset in range(0, len(cells), chunk):
+        group_cells = cells[offset: offset + chunk]
+        # The off arm's config: the shared fields of the on arms, mode off (no field reaches the router).
+        configs = [cell.controller if cell.controller is not None else
+                   dataclasses.replace(on or cell.arm_config(), mode=OFF, seed=cell.seed) for cell in group_cells]
+        groups = len(configs)
+        cm = chronovisor.wrap(base, configs if groups > 1 else configs[0], tick="manual")
+        controller = cm.controller
+        views = [_GroupFields(controller, g) for g in range(groups)] if groups > 1 else [controller]
+        trajectories = [FieldTrajectory(first.eval.trajectory_every) for _ in group_cells]
+        torch.manual_seed(first.seed)
+        cm.eval()
+        with torch.no_grad():
+            for inputs in warmup_inputs:
+                kwargs = _repeat_batch(inputs.kwargs, groups) if groups > 1 else inputs.kwargs
+                logits = cm(**kwargs, use_cache=False).logits
+                rows = inputs.targets.shape[0]
+                losses = []
+                for g in range(groups):
+                    total, count = token_cross_entropy(logits[g * rows:(g + 1) * rows], inputs.targets)
+                    losses.append(total / max(count, 1))
+                controller.step(loss=torch.stack(losses) if groups > 1 else losses[0])
+                for trajectory, view in zip(trajectories, views, strict=True):
+                    trajectory.maybe_record(view)
+            accumulators = [_HeldoutAccumulator() for _ in group_cells]
+            for indices, inputs in heldout_batches:
+                kwargs = _repeat_batch(inputs.kwargs, groups) if groups > 1 else inputs.kwargs
+                with cm.record_routing() as record:
+                    output = cm(**kwargs, use_cache=False)
+                rows = inputs.targets.shape[0]
+                records = _split_record(record, groups) if groups > 1 else [record]
+                for g, accumulator in enumerate(accumulators):
+                    accumulator.add(output.logits[g * rows:(g + 1) * rows], inputs.targets, inputs.turn_ids,
+                                    records[g], indices)
+        for g, cell in enumerate(group_cells):
+            heldout, routing = accumulators[g].finish(cell.eval, cm.info.num_experts, cell.seed)
+            fields = None
+            if not cell.is_off:
+                view = views[g]
+                fields = {
+                    "T_bar_variance": metrics.expert_variance(view.T_bar_global),
+                    "T_bar_local_variance": float(np.mean(metrics.expert_variance(view.T_bar_local))),
+                    "pressure_mean_abs": float(view.pressure.abs().mean()),
+                    "ticks": controller.ticks,
+                    "trajectory": trajectories[g].rows,
+                }
+            info = {"family": cm.info.family, "num_layers": cm.info.num_layers,
+                    "num_experts": cm.info.num_experts, "top_k": cm.info.top_k}
+            parts.append((cell, heldout, routing, fields, info))
+        cm.unwrap()
+    changed = _count_changed(base, before)
+    if changed:
+        raise RuntimeError(f"frozen changed {changed} base tensors; only the controller offsets may train")
+    share = (time.perf_counter() - started) / len(cells)
+    results = []
+    for cell, heldout, routing, fields, info in parts:
+        record = {
+            "cell_id": cell.cell_id,
+            "spec": cell.relevant_settings(),
+            "variant": cell.variant,
+            "arm": "off" if cell.is_off else "on",
+            "paired_off_cell": cell.paired_off().cell_id,
+            "pairing": {"init_hash": init_hash, "data_hash": data_hash},
+            "model_info": info,
+            "heldout": heldout,
+            "loss_floor": conversations.loss_floor,
+            "train": None,
+            "fields": fields,
+            "base_params_changed": changed,
+            "numerics": numerics(device),
+            "wall_time_s": share,
+        }
+        results.append(ArmResult(record, routing))
+    return results

@@ -20,6 +20,8 @@ Config schema (every key optional unless marked; unknown keys are errors)::
       eta: [0.01, 0.015]                 # (a list is a union of grids, as sklearn's ParameterGrid)
       pressure_scale: [0.5, 1.0]
       mode: [pt]                         # pressure | temperature | pt | loss_free (| off)
+    batch_configs: 9                 # frozen only, opt-in: run up to 9 cells of a seed in one
+                                     # stacked forward (run_cells_stacked); default 1 = one at a time
 
 ``mode: loss_free`` means DeepSeek's comparator (``dynamics=loss_free``, ``mode=pressure``). The
 off arm (``mode=off``) of every (model, seed) is always run, once, and shared by all cells of that
@@ -27,6 +29,13 @@ seed. ``${NAME}`` (or ``${NAME:-default}``) in any string is replaced by the env
 ``--set key.sub=value`` (value parsed as YAML) edits the config before validation. Floats written
 ``1e-4`` (which YAML reads as a string) are accepted. Every value is validated — including every
 grid combination through PTConfig's own checks — before any work, with errors naming the key.
+
+``batch_configs: N`` (``frozen`` protocol, not streaming) is an execution setting, not part of the
+experiment: the cells of a (model, seed) whose controllers differ only in η, P, mode (and the off
+arm) are grouped into units of at most N and each unit runs through
+:func:`~chronovisor.eval.protocols.run_cells_stacked` (the batch repeated once per configuration,
+a stacked controller). The cell files are the same as one at a time (up to float32 rounding), so
+it is left out of the config hash: a run directory can be resumed with or without it.
 
 Run directory::
 
@@ -37,10 +46,10 @@ Run directory::
     RUN_DIR/bases/                   pretrained frozen bases (frozen / controller_only)
 
 Re-running the same command skips finished cells; an interrupted sweep loses at most the cells in
-progress. Cells are bit-reproducible for a fixed device and torch thread count (``accelerate
+progress; with ``batch_configs`` a unit runs only its unfinished cells. Cells are bit-reproducible for a fixed device and torch thread count (``accelerate
 launch`` sets OMP_NUM_THREADS=1 per process; a lone process uses torch's default): resuming under
-another process layout is allowed, and the report flags on/off pairs whose numerics differ. Under ``accelerate launch`` each process takes every ``num_processes``-th cell, so each
-cell is run exactly once. On a CPU-only machine accelerate starts several processes only through
+another process layout is allowed, and the report flags on/off pairs whose numerics differ. Under ``accelerate launch`` each process takes every ``num_processes``-th cell (with
+``batch_configs``: every ``num_processes``-th unit), so each cell is run exactly once. On a CPU-only machine accelerate starts several processes only through
 its torchrun path, ``--multi_gpu`` (the name notwithstanding); the sweep then uses
 ``PartialState(cpu=True)`` (gloo) so the processes see their ranks.
 """
@@ -77,7 +86,10 @@ CELLS_DIR = "cells"
 ROUTING_SUFFIX = ".routing.npz"
 MANIFEST_FORMAT = 1
 
-_TOP_LEVEL = ("name", "protocol", "models", "model", "seeds", "data", "train", "eval", "load", "controller", "grid")
+_TOP_LEVEL = ("name", "protocol", "models", "model", "seeds", "data", "train", "eval", "load", "controller", "grid",
+              "batch_configs")
+# Top-level keys that change how cells are run, not their results: left out of the config hash.
+_EXECUTION_KEYS = ("batch_configs",)
 # PTConfig fields a config may not set: the seed comes from ``seeds``, learnable from the protocol.
 _RESERVED_CONTROLLER_FIELDS = {
     "seed": "the controller seed is the cell's seed; list seeds at the top level",
@@ -222,10 +234,11 @@ class SweepConfig:
     controller: dict[str, Any]
     grid: tuple[dict[str, tuple], ...]
     resolved: dict[str, Any]
+    batch_configs: int = 1
 
     @property
     def config_hash(self) -> str:
-        return protocols.stable_hash(self.resolved)
+        return protocols.stable_hash({key: value for key, value in self.resolved.items() if key not in _EXECUTION_KEYS})
 
     def controller_settings(self) -> list[dict[str, Any]]:
         """Every controller setting of the grid (PTConfig fields + ``mode`` label), deduplicated, in order."""
@@ -387,6 +400,7 @@ def parse_config(raw: Any, name: str = "sweep") -> SweepConfig:
     load, _ = _build_section(LoadSpec, raw.get("load"), "load")
     controller = _controller(raw)
     grid = _grid(raw)
+    batch_configs = _batch_configs(raw, protocol, evaluation)
     resolved = {
         "name": label,
         "protocol": protocol,
@@ -399,7 +413,10 @@ def parse_config(raw: Any, name: str = "sweep") -> SweepConfig:
         "controller": controller,
         "grid": [{key: list(values) for key, values in axes.items()} for axes in grid],
     }
-    config = SweepConfig(label, protocol, models, seeds, data, train, evaluation, load, controller, grid, resolved)
+    if "batch_configs" in raw:
+        resolved["batch_configs"] = batch_configs
+    config = SweepConfig(label, protocol, models, seeds, data, train, evaluation, load, controller, grid, resolved,
+                         batch_configs)
     settings = config.controller_settings()
     if all(setting["mode"] == protocols.OFF for setting in settings):
         raise ConfigError("grid.mode: no controller arm (only 'off'); list pressure, temperature, pt or loss_free")
@@ -431,6 +448,62 @@ def parse_config(raw: Any, name: str = "sweep") -> SweepConfig:
     if data.source == "jsonl" and not Path(data.path).expanduser().is_file():
         raise ConfigError(f"data.path: file not found: {data.path}")
     return config
+
+
+def _batch_configs(raw: dict[str, Any], protocol: str, evaluation: EvalSpec) -> int:
+    value = raw.get("batch_configs", 1)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"batch_configs: expected an integer >= 1 (configurations per stacked forward), got {value!r}")
+    if value > 1 and protocol != "frozen":
+        raise ConfigError(f"batch_configs: only the frozen protocol can stack configurations (protocol is {protocol}); "
+                          f"remove the key or set it to 1")
+    if value > 1 and evaluation.streaming:
+        raise ConfigError("batch_configs: eval.streaming ticks per turn of one conversation and cannot be stacked")
+    return value
+
+
+def stack_units(cells: list[CellSpec], batch_configs: int) -> list[list[CellSpec]]:
+    """The cells in units that run together (one unit per :func:`protocols.run_cells_stacked` call).
+
+    ``batch_configs`` 1: one cell per unit. Otherwise the cells of one (model, seed, settings)
+    whose controllers can share a stacked controller (:func:`protocols.stack_key`: e.g. the pt /
+    pressure / temperature arms, and separately the loss_free arms) form a family, the off arm
+    joining the first family of its seed; each family is split into the fewest near-equal units of
+    at most ``batch_configs`` cells. Deterministic in its arguments, so every process computes the
+    same units. Cells no stacked run accepts (other protocols, streaming) stay alone.
+    """
+    if batch_configs <= 1:
+        return [[cell] for cell in cells]
+    families: dict[tuple, list[CellSpec]] = {}
+    off_arms: dict[str, list[CellSpec]] = {}
+    for cell in cells:
+        if cell.protocol != "frozen" or cell.eval.streaming:
+            families[("alone", cell.cell_id)] = [cell]
+        elif cell.is_off:
+            off_arms.setdefault(protocols.stack_group_key(cell), []).append(cell)
+        else:
+            families.setdefault((protocols.stack_group_key(cell), protocols.stack_key(cell)), []).append(cell)
+    for settings, arms in off_arms.items():
+        family = next((key for key in families if key[0] == settings), None)
+        if family is None:
+            families[("off", settings)] = arms
+        else:
+            families[family] = arms + families[family]
+    units = []
+    for members in families.values():
+        count = -(-len(members) // batch_configs)
+        size, extra = divmod(len(members), count)
+        start = 0
+        for i in range(count):
+            end = start + size + (i < extra)
+            units.append(members[start:end])
+            start = end
+    return units
+
+
+def shard_units(units: list[list[CellSpec]], process_index: int, num_processes: int) -> list[list[CellSpec]]:
+    """This process's units: every ``num_processes``-th from ``process_index``."""
+    return units[process_index::num_processes]
 
 
 def _model_config(model: str) -> dict[str, Any]:
@@ -586,6 +659,7 @@ def run_sweep(config: SweepConfig, run_dir: str | Path, *, process_index: int = 
             "git": git_commit(),
             "command": command or sys.argv,
             "num_processes": num_processes,
+            "batch_configs": config.batch_configs,
             "started": (manifest or {}).get("started") or _now(),
             "resumed": (manifest or {}).get("resumed", []) + ([_now()] if manifest else []),
             "finished": None,
@@ -593,26 +667,35 @@ def run_sweep(config: SweepConfig, run_dir: str | Path, *, process_index: int = 
         write_json(run_dir / MANIFEST, manifest)
         _atomic_write(run_dir / RESOLVED_CONFIG, lambda handle: handle.write(
             yaml.safe_dump(config.resolved, sort_keys=False).encode()))
-    mine = cells[process_index::num_processes]
-    todo = [cell for cell in mine if not is_finished(run_dir, cell.cell_id)]
-    pending = {cell.cell_id for cell in todo}
+    units = shard_units(stack_units(cells, config.batch_configs), process_index, num_processes)
+    mine = [cell for unit in units for cell in unit]
+    todo_units = [[cell for cell in unit if not is_finished(run_dir, cell.cell_id)] for unit in units]
+    pending = {cell.cell_id for unit in todo_units for cell in unit}
     skipped = [cell.cell_id for cell in mine if cell.cell_id not in pending]
     ran = []
     bar = tqdm(total=len(mine), initial=len(skipped), desc=f"sweep {config.name} [{process_index + 1}/{num_processes}]",
                unit="cell", position=process_index, disable=not progress, dynamic_ncols=True)
     try:
-        for cell in todo:
-            bar.set_postfix_str(cell.cell_id, refresh=True)
+        for todo in todo_units:
+            if not todo:
+                continue
+            names = ", ".join(cell.cell_id for cell in todo)
+            bar.set_postfix_str(names if len(todo) == 1 else f"{todo[0].cell_id} +{len(todo) - 1} stacked", refresh=True)
             started = time.perf_counter()
             try:
-                result = protocols.run_cell(cell, run_dir, device=device)
+                if len(todo) == 1:
+                    results = [protocols.run_cell(todo[0], run_dir, device=device)]
+                else:
+                    results = protocols.run_cells_stacked(todo, run_dir, device=device)
             except Exception as error:
-                raise RuntimeError(f"cell {cell.cell_id} failed: {error}") from error
-            result.record["process_index"] = process_index
-            result.record["wall_time_s"] = time.perf_counter() - started
-            save_cell(run_dir, result)
-            ran.append(cell.cell_id)
-            bar.update(1)
+                raise RuntimeError(f"{'cell' if len(todo) == 1 else 'stacked cells'} {names} failed: {error}") from error
+            elapsed = (time.perf_counter() - started) / len(todo)
+            for result in results:
+                result.record["process_index"] = process_index
+                result.record["wall_time_s"] = elapsed
+                save_cell(run_dir, result)
+                ran.append(result.record["cell_id"])
+                bar.update(1)
     finally:
         bar.close()
     complete = all(is_finished(run_dir, cell.cell_id) for cell in cells)
