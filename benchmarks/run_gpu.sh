@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # GPU checks and benchmarks, from the repository root on a CUDA machine:
 #   bash benchmarks/run_gpu.sh [RESULT_DIR]          (default benchmarks/results)
-# 1. tests/test_no_host_sync.py (its CUDA test runs under torch.cuda.set_sync_debug_mode("error")),
+# 1. the GPU tests (`pytest -m gpu`: CUDA identity and counts, no host syncs under
+#    torch.cuda.set_sync_debug_mode("error")),
 # 2. python -m benchmarks on CUDA: fp32 (forward ratio, step cost, training step, batched sweep),
 #    bf16 (forward ratio, incl. identity-wrapped == unwrapped bit for bit),
 # 3. optionally (CPU2=1) the CPU suite pinned to two cores of the host (an idle 2-core reference).
@@ -21,7 +22,7 @@ $PY -m pip install -q --no-deps --no-build-isolation --no-index -e . >/dev/null 
 $PY -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__, \
 torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no cuda')" | tee "$RESULTS/gpu_env.txt"
 
-timeout 120 $PY -m pytest -q tests/test_no_host_sync.py -p no:cacheprovider -rs --durations=5 2>&1 \
+timeout 120 $PY -m pytest -q -m gpu tests -p no:cacheprovider -rs --durations=5 2>&1 \
     | tee "$RESULTS/gpu_pytest_no_host_sync.txt" | tail -15
 timeout 220 $PY -m benchmarks --device cuda --dtype float32 --out "$RESULTS" 2>&1 | tail -40
 timeout 90 $PY -m benchmarks --device cuda --dtype bfloat16 --only forward_overhead --out "$RESULTS" 2>&1 | tail -12
