@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from chronovisor.eval import protocols as P
 from chronovisor.eval import sweep
@@ -22,12 +21,7 @@ EVAL = P.EvalSpec(null_permutations=10, trajectory_every=2, batch_size=2)
 VOLATILE = ("wall_time_s", "process_index")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def cell(controller=None, seed=0, **changes):

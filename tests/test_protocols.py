@@ -29,14 +29,7 @@ TRAIN = TrainSpec(steps=6, lr=1e-2, pretrain_steps=6)
 EVAL = EvalSpec(null_permutations=10, trajectory_every=1)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny models run no faster on two threads, and OpenMP barriers spin badly when another process
-    holds a core; one thread keeps these tests fast on a busy 2-core machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def cell(protocol, model="mixtral-tiny", seed=0, mode="pt", **controller):

@@ -4,7 +4,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
 from chronovisor.eval import metrics, stats, sweep
 from chronovisor.eval.report import load_run, summarize, write_report
@@ -15,14 +14,7 @@ TINY_WORLD = dict(vocab_size=64, phase_vocab_size=12, topic_vocab_size=8, min_tu
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny models run no faster on two threads, and OpenMP barriers spin badly when another process
-    holds a core; one thread keeps these tests fast on a busy 2-core machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 
 from chronovisor import cli
@@ -22,14 +21,7 @@ TINY_WORLD = dict(vocab_size=64, phase_vocab_size=12, topic_vocab_size=8, min_tu
                   min_length=32, max_length=56)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny models run no faster on two threads, and OpenMP barriers spin badly when another process
-    holds a core; one thread keeps these tests fast on a busy 2-core machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny_config(**changes):

@@ -110,13 +110,7 @@ def _forward(model, inputs, **kwargs):
         return model(**inputs, output_router_logits=True, **kwargs)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models run fastest on one thread; it also keeps the file quick on a loaded CI machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 class Reloaded:
