@@ -429,14 +429,22 @@ def plot_heatmaps(summaries: list[SettingSummary], plots_dir: Path) -> list[Path
             axis.set_title(title, fontsize=10)
             figure.colorbar(image, ax=axis, fraction=0.046, pad=0.04)
         n = max(m.n for m in members)
-        figure.suptitle(f"{key[0]} · {Path(key[1]).name} · {key[2]}" + "".join(f" · {k}={v}" for k, v in key[3])
-                        + f" · paired vs off, n≤{n} seeds", fontsize=10)
-        figure.tight_layout()
-        path = plots_dir / f"heatmap_{_slug(key)}.png"
-        figure.savefig(path, dpi=110)
-        plt.close(figure)
-        paths.append(path)
+        paths.append(_save_figure(figure, plots_dir, "heatmap", key, f"paired vs off, n≤{n} seeds"))
     return paths
+
+
+def _save_figure(figure, plots_dir: Path, kind: str, key: tuple, subtitle: str) -> Path:
+    """Title a group's figure (protocol · model · arm · varying fields · subtitle), save it as
+    ``plots_dir/<kind>_<group>.png`` and close it."""
+    import matplotlib.pyplot as plt
+
+    figure.suptitle(f"{key[0]} · {Path(key[1]).name} · {key[2]}" + "".join(f" · {k}={v}" for k, v in key[3])
+                    + f" · {subtitle}", fontsize=10)
+    figure.tight_layout()
+    path = plots_dir / f"{kind}_{_slug(key)}.png"
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
 
 
 def plot_trajectories(summaries: list[SettingSummary], plots_dir: Path) -> list[Path]:
@@ -477,13 +485,7 @@ def plot_trajectories(summaries: list[SettingSummary], plots_dir: Path) -> list[
             axis.set_xlabel("tick")
             axis.set_title(title, fontsize=10)
         axes[0][0].legend(fontsize=7, ncol=1 + len(curves) // 8)
-        figure.suptitle(f"{key[0]} · {Path(key[1]).name} · {key[2]}" + "".join(f" · {k}={v}" for k, v in key[3])
-                        + " · controller-on arms, mean over seeds", fontsize=10)
-        figure.tight_layout()
-        path = plots_dir / f"trajectory_{_slug(key)}.png"
-        figure.savefig(path, dpi=110)
-        plt.close(figure)
-        paths.append(path)
+        paths.append(_save_figure(figure, plots_dir, "trajectory", key, "controller-on arms, mean over seeds"))
     return paths
 
 

@@ -3,6 +3,16 @@
 import pytest
 import torch
 
+from chronovisor.wrappers import build_toy
+
+
+@pytest.fixture(scope="session")
+def mixtral_tiny_dir(tmp_path_factory):
+    """A tiny Mixtral saved with save_pretrained (model.safetensors + config.json), built once."""
+    directory = tmp_path_factory.mktemp("mixtral-tiny")
+    build_toy("mixtral-tiny", seed=0).save_pretrained(directory)
+    return directory
+
 
 @pytest.fixture(scope="module")
 def one_torch_thread():

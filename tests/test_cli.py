@@ -18,10 +18,8 @@ TRAIN_ARGS = ["--steps", "5", "--conversations", "4", "--max-length", "24", "--b
 
 
 @pytest.fixture(scope="module")
-def mixtral_dir(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("mixtral-tiny")
-    build_toy("mixtral-tiny", seed=0).save_pretrained(directory)
-    return directory
+def mixtral_dir(mixtral_tiny_dir):
+    return mixtral_tiny_dir
 
 
 @pytest.fixture(scope="module")

@@ -35,10 +35,8 @@ CPU_AND_DISK_MAP = {
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("mixtral-tiny")
-    build_toy("mixtral-tiny", seed=0).save_pretrained(directory)
-    return directory
+def model_dir(mixtral_tiny_dir):
+    return mixtral_tiny_dir
 
 
 @pytest.fixture(scope="module")

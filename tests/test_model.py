@@ -22,12 +22,10 @@ BATCH, LENGTH, TOP_K, EXPERTS, LAYERS = 2, 12, 2, 8, 2
 
 # ----------------------------------------------------------------------------- fixtures
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
+def model_dir(mixtral_tiny_dir):
     """A saved tiny Mixtral (model.safetensors + config.json)."""
-    directory = tmp_path_factory.mktemp("mixtral-tiny")
-    build_toy("mixtral-tiny", seed=0).save_pretrained(directory)
-    assert (directory / "model.safetensors").is_file()
-    return directory
+    assert (mixtral_tiny_dir / "model.safetensors").is_file()
+    return mixtral_tiny_dir
 
 
 def load_base(model_dir) -> torch.nn.Module:
