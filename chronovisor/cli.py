@@ -128,7 +128,9 @@ def _add_train(sub) -> None:
 
 
 def _training_batches(args: argparse.Namespace, model) -> list[dict]:
-    from chronovisor.eval.data import ConversationConfig, ConversationGenerator, iterate_batches, load_jsonl
+    from chronovisor.eval.data import iterate_batches
+    from chronovisor.eval.jsonl import load_jsonl
+    from chronovisor.eval.synthetic import ConversationConfig, ConversationGenerator
 
     if args.data is not None:
         tokenizer = args.tokenizer or args.model

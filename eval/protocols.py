@@ -58,6 +58,7 @@ import numpy as np
 import torch
 
 from chronovisor.controllers import PTConfig
+from chronovisor.eval import baselines, jsonl, synthetic
 from chronovisor.eval import data as data_lib
 from chronovisor.eval import metrics
 
@@ -111,15 +112,15 @@ class DataSpec:
             raise ValueError(f"data.num_warmup must be >= 0 (got {self.num_warmup})")
         if self.source == "synthetic":
             try:
-                data_lib.ConversationConfig(**self.generator)
+                synthetic.ConversationConfig(**self.generator)
             except TypeError as error:
                 raise ValueError(f"data: {error}") from None
         elif self.path is None:
             raise ValueError("data.path is required when data.source is 'jsonl'")
 
     @property
-    def conversation_config(self) -> data_lib.ConversationConfig:
-        return data_lib.ConversationConfig(**self.generator)
+    def conversation_config(self) -> synthetic.ConversationConfig:
+        return synthetic.ConversationConfig(**self.generator)
 
 
 @dataclass(frozen=True)
@@ -355,14 +356,14 @@ def load_conversations(spec: DataSpec, seed: int, model: str, protocol: str) -> 
     """Conversations of a seed: same for both arms (they depend on the seed and the data spec only)."""
     if spec.source == "synthetic":
         config = spec.conversation_config
-        train_stream = data_lib.ConversationGenerator(config, seed=seed, split="train")
+        train_stream = synthetic.ConversationGenerator(config, seed=seed, split="train")
         train = train_stream.sample(spec.num_train)
         warmup = train_stream.sample(spec.num_warmup) if protocol == "frozen" and spec.num_warmup else None
-        heldout = data_lib.ConversationGenerator(config, seed=seed, split="heldout").sample(spec.num_heldout)
-        floor = data_lib.loss_floor(data_lib.ConversationGenerator(config, seed=seed, split="heldout"), heldout)
+        heldout = synthetic.ConversationGenerator(config, seed=seed, split="heldout").sample(spec.num_heldout)
+        floor = baselines.loss_floor(synthetic.ConversationGenerator(config, seed=seed, split="heldout"), heldout)
         return Conversations(train, heldout, warmup, dataclasses.asdict(floor), config.vocab_size)
     tokenizer = spec.tokenizer or model
-    batch = data_lib.load_jsonl(spec.path, tokenizer, max_length=spec.max_length)
+    batch = jsonl.load_jsonl(spec.path, tokenizer, max_length=spec.max_length)
     train, heldout = data_lib.split_batch(batch, spec.heldout_fraction, seed=seed)
     warmup = train.select(range(min(spec.num_warmup, len(train)))) if protocol == "frozen" and spec.num_warmup else None
     return Conversations(train, heldout, warmup, None, int(batch.input_ids.max()) + 1)

@@ -77,7 +77,7 @@ import yaml
 
 from chronovisor.controllers import PTConfig
 from chronovisor.eval import protocols
-from chronovisor.eval.data import ConversationConfig
+from chronovisor.eval.synthetic import ConversationConfig
 from chronovisor.eval.protocols import CellSpec, DataSpec, EvalSpec, LoadSpec, TrainSpec
 
 MANIFEST = "manifest.json"
