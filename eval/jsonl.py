@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from chronovisor.eval.data import pad_batch
+from chronovisor.eval.data import ConversationBatch, pad_batch
 from chronovisor.eval.synthetic import PHASES
 
 

@@ -58,9 +58,8 @@ import numpy as np
 import torch
 
 from chronovisor.controllers import PTConfig
-from chronovisor.eval import baselines, jsonl, synthetic
+from chronovisor.eval import baselines, jsonl, metrics, synthetic
 from chronovisor.eval import data as data_lib
-from chronovisor.eval import metrics
 
 PROTOCOLS = ("joint", "frozen", "controller_only")
 DATA_SOURCES = ("synthetic", "jsonl")

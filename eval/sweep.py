@@ -77,8 +77,8 @@ import yaml
 
 from chronovisor.controllers import PTConfig
 from chronovisor.eval import protocols
-from chronovisor.eval.synthetic import ConversationConfig
 from chronovisor.eval.protocols import CellSpec, DataSpec, EvalSpec, LoadSpec, TrainSpec
+from chronovisor.eval.synthetic import ConversationConfig
 
 MANIFEST = "manifest.json"
 RESOLVED_CONFIG = "config.yaml"
