@@ -3,26 +3,30 @@
 Input convention (one MoE layer at a time; torch tensors or numpy arrays):
     expert_ids: [N, k] long, the top-k experts each of N tokens was routed to.
     turn_ids: [N] long, the turn (phase) of each token; −1 marks padding, which is excluded.
-    conversation_ids: [N] long, which conversation each token belongs to (for the permutation null).
+    conversation_ids: [N], which conversation each token belongs to.
     num_experts: E.
 A [B, S, k] record with [B, S] turn ids is accepted too; its rows are then the conversations.
 
-Separation follows the reference's definition so numbers stay comparable, but is reported next to
-its permutation null: with turn-independent routing the reference's "separation" is pure sampling
-noise of size ≈ (T−1)/T · (1 − k/E) / n_selections_per_turn, and it grows as routing becomes more
-balanced — so only the excess over the null says anything about turn specialisation.
+Separation follows the reference's definition so numbers stay comparable, but is only meaningful
+next to its randomisation null (:func:`separation_test`): with turn-independent routing the
+reference's "separation" is sampling noise of size ≈ (T−1)/T · (1 − k/E) / n_selections_per_turn,
+and routing that is merely correlated in time inflates it further. The null re-draws the design's
+random phase order of each conversation, so it is exact under any time correlation of the routing —
+but only for data whose phase order was randomised per conversation; with one fixed order
+(:func:`phase_order_is_fixed`) the phase is a function of the position and the two cannot be told
+apart.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from scipy.stats import entropy as _entropy
 
-DEFAULT_PERMUTATIONS = 200
+DEFAULT_PERMUTATIONS = 999  # p-values on a grid of 1/1000; cheap, the null relabels turn tables
 DEAD_EXPERT_THRESHOLD = 0.01  # an expert is dead when it receives fewer than 1% of the tokens
 
 
@@ -86,105 +90,205 @@ def _separation_of_counts(counts: np.ndarray) -> float:
 # ----------------------------------------------------------------------------------------------
 
 
-def turn_expert_matrix(expert_ids, turn_ids, num_experts: int, num_turns: int | None = None) -> np.ndarray:
-    """M [num_turns, E]: share of each turn's top-k selections that went to each expert.
-
-    Rows sum to 1; the row of a turn with no tokens is NaN. ``num_turns`` defaults to max turn + 1.
-    """
-    experts, turns, _ = _flatten_routing(expert_ids, turn_ids, num_experts)
-    if num_turns is None:
-        num_turns = int(turns.max()) + 1
-    elif turns.max() >= num_turns:
-        raise ValueError(f"turn id {int(turns.max())} is out of range for num_turns={num_turns}")
-    counts = _turn_expert_counts(experts, turns, num_turns, num_experts).astype(float)
-    with np.errstate(invalid="ignore"):
-        return counts / counts.sum(axis=1, keepdims=True)
-
-
 def separation(expert_ids, turn_ids, num_experts: int) -> float:
     """The reference's separation Σ_k Var_turns(M[:, k]) (population variance, ddof=0).
 
-    Taken over the turns that have tokens. Compare it with :func:`separation_null`, never alone.
+    M[turn, k] is the share of the turn's top-k selections that went to expert k, taken over the
+    turns that have tokens. Never report it alone: compare it with :func:`separation_test`.
     """
     experts, turns, _ = _flatten_routing(expert_ids, turn_ids, num_experts)
     return _separation_of_counts(_turn_expert_counts(experts, turns, int(turns.max()) + 1, num_experts))
 
 
 @dataclass(frozen=True)
-class SeparationNull:
-    """Permutation null of the separation: mean, std (ddof=1) and the samples [n_permutations]."""
+class _TurnTable:
+    """Top-k selection counts per turn, a turn being one (conversation, phase label) pair."""
 
-    mean: float
-    std: float
-    samples: np.ndarray
+    counts: np.ndarray  # [G, E] selections per turn
+    labels: np.ndarray  # [G] phase label of each turn, remapped to 0..T−1
+    conversations: np.ndarray  # [G] conversation of each turn, 0..C−1, ascending
+    order: np.ndarray  # [G] rank of each turn's first token inside its conversation
+    num_labels: int
 
 
-def separation_null(
-    expert_ids,
-    turn_ids,
-    num_experts: int,
-    conversation_ids=None,
-    n_permutations: int = DEFAULT_PERMUTATIONS,
-    seed: int = 0,
-) -> SeparationNull:
-    """Separation with turn labels shuffled among the tokens of each conversation.
+def _turn_table(turns: np.ndarray, conversations: np.ndarray, experts: np.ndarray | None, num_experts: int):
+    """Aggregate tokens into turns once, so that a relabelling only has to move rows of a [G, E] table."""
+    _, conversation = np.unique(conversations, return_inverse=True)
+    label_values, label = np.unique(turns, return_inverse=True)
+    conversation, label = conversation.reshape(-1), label.reshape(-1)
+    num_labels = len(label_values)
+    # One turn per distinct (conversation, label) pair; np.unique sorts the pairs by conversation.
+    groups, group = np.unique(conversation * num_labels + label, return_inverse=True)
+    group = group.reshape(-1)
+    first_token = np.full(len(groups), len(turns))
+    np.minimum.at(first_token, group, np.arange(len(turns)))
+    group_conversation = groups // num_labels
+    # Rank of each turn's start among its conversation's turns (groups are sorted by conversation).
+    by_start = np.lexsort((first_token, group_conversation))
+    block_start = np.searchsorted(group_conversation, group_conversation)
+    order = np.empty(len(groups), dtype=np.int64)
+    order[by_start] = np.arange(len(groups)) - block_start[by_start]
+    counts = None
+    if experts is not None:
+        k = experts.shape[1]
+        cells = (np.repeat(group, k) * num_experts + experts.reshape(-1)).astype(np.int64)
+        counts = np.bincount(cells, minlength=len(groups) * num_experts).reshape(len(groups), num_experts)
+    return _TurnTable(counts, groups % num_labels, group_conversation, order, num_labels)
 
-    Shuffling *within* conversations keeps every conversation's number of tokens per turn and its
-    whole routing (topic, length) fixed, so the null differs from the data only in the pairing of
-    tokens with turns — the exact exchangeability of "routing is independent of the turn". A global
-    shuffle would also move conversation effects between turns (e.g. when long conversations alone
-    reach late turns) and misattribute them to turns.
-    """
-    if n_permutations < 2:
-        raise ValueError(f"n_permutations must be at least 2 (got {n_permutations})")
-    experts, turns, conversations = _flatten_routing(expert_ids, turn_ids, num_experts, conversation_ids)
-    num_turns = int(turns.max()) + 1
-    by_conversation = np.argsort(conversations, kind="stable")
-    grouped_turns, group = turns[by_conversation], conversations[by_conversation].astype(float)
+
+def _separation_of_labellings(table: _TurnTable, labellings: np.ndarray) -> np.ndarray:
+    """Separation [P] of the routing under each row of labellings [P, G] (a phase label per turn)."""
+    num_labellings, num_groups = labellings.shape
+    counts = table.counts.astype(float)
+    labels = np.arange(table.num_labels)[None, :, None]
+    result = np.empty(num_labellings)
+    # Chunks keep the [chunk, T, G] one-hot to a few MB whatever the number of permutations.
+    chunk = max(1, (1 << 20) // max(1, table.num_labels * num_groups))
+    for start in range(0, num_labellings, chunk):
+        one_hot = (labellings[start : start + chunk, None, :] == labels).astype(float)
+        per_label = one_hot @ counts  # [chunk, T, E]: exact, the counts are small integers
+        # Every labelling keeps each conversation's set of labels, so no label is left without tokens.
+        shares = per_label / per_label.sum(axis=2, keepdims=True)
+        result[start : start + len(one_hot)] = shares.var(axis=1).sum(axis=1)
+    return result
+
+
+def _within_conversation_permutations(table: _TurnTable, n_permutations: int, seed: int) -> np.ndarray:
+    """[P, G] labellings: each conversation's turn labels permuted uniformly, independently."""
     rng = np.random.default_rng(seed)
-    samples = np.empty(n_permutations)
-    shuffled = np.empty_like(turns)
-    for i in range(n_permutations):
-        # Sorting by (conversation + uniform[0, 1)) permutes positions only inside each conversation.
-        within = np.argsort(group + rng.random(len(group)), kind="stable")
-        shuffled[by_conversation] = grouped_turns[within]
-        samples[i] = _separation_of_counts(_turn_expert_counts(experts, shuffled, num_turns, num_experts))
-    return SeparationNull(mean=float(samples.mean()), std=float(samples.std(ddof=1)), samples=samples)
+    # Sorting (conversation + uniform[0, 1)) shuffles positions only inside each conversation's block.
+    keys = table.conversations[None, :] + rng.random((n_permutations, len(table.labels)))
+    return table.labels[np.argsort(keys, axis=1)]
+
+
+def _order_is_fixed(table: _TurnTable) -> bool:
+    num_conversations = int(table.conversations.max()) + 1
+    position = np.full((num_conversations, table.num_labels), np.nan)
+    position[table.conversations, table.labels] = table.order
+    # before[c, a, b] = +1 if conversation c has a before b, −1 if after, 0 if it lacks either.
+    before = np.nan_to_num(np.sign(position[:, None, :] - position[:, :, None]))
+    return bool(not np.any((before > 0).any(axis=0) & (before < 0).any(axis=0)))
+
+
+def phase_order_is_fixed(turn_ids, conversation_ids=None) -> bool:
+    """Whether all conversations visit their phases in one common order.
+
+    The rule: the order is fixed when no two conversations put a pair of phases in opposite order
+    (each conversation's phases ordered by their first token; conversations may skip phases). Then
+    the phase is a function of the position in the conversation, any position effect on routing
+    (drift, warm-up, context length) looks exactly like phase specialisation, and a report must say
+    that separation cannot be told apart from position. Data whose generator drew the phase order at
+    random per conversation comes out False except by a negligible chance. Accepts [N] ids with
+    [N] conversation ids, or [B, S] ids whose rows are the conversations; −1 (padding) is ignored.
+    """
+    turns = _numpy(turn_ids)
+    if conversation_ids is None:
+        if turns.ndim != 2:
+            raise ValueError("conversation_ids are needed unless turn_ids is [B, S] with one conversation per row")
+        conversations = np.broadcast_to(np.arange(turns.shape[0])[:, None], turns.shape)
+    else:
+        conversations = _numpy(conversation_ids)
+        if conversations.shape != turns.shape:
+            raise ValueError(f"conversation_ids {conversations.shape} must match turn_ids {turns.shape}")
+    turns, conversations = turns.reshape(-1), conversations.reshape(-1)
+    keep = turns >= 0
+    if not keep.any():
+        raise ValueError("no labelled tokens: every turn id is −1 (padding)")
+    return _order_is_fixed(_turn_table(turns[keep], conversations[keep], None, 0))
 
 
 @dataclass(frozen=True)
-class ExcessSeparation:
-    """Separation against its permutation null: excess = separation − null mean, z = excess / null std."""
+class SeparationTest:
+    """Separation against its within-conversation phase-order randomisation null.
+
+    separation: the observed separation; null_mean, null_std (ddof=1): of the null samples.
+    excess: separation − null_mean; z: excess / null_std (descriptive only: the null is skewed,
+        use p_value for the test).
+    p_value: one-sided Monte Carlo permutation p, (1 + #{null ≥ observed}) / (1 + n_permutations).
+    phase_order_fixed: :func:`phase_order_is_fixed` of the data; when True the test cannot tell
+        phase from position and the p-value is not a valid test of phase specialisation.
+    num_conversations, num_turns: the units that were permuted.
+    null_samples: [n_permutations] separations of the permuted labellings.
+    """
 
     separation: float
     null_mean: float
     null_std: float
     excess: float
     z: float
+    p_value: float
+    n_permutations: int
+    phase_order_fixed: bool
+    num_conversations: int
+    num_turns: int
+    null_samples: np.ndarray = field(repr=False, compare=False)
 
 
-def excess_separation(
-    expert_ids,
+def separation_test(
+    expert_index,
     turn_ids,
+    conversation_ids,
     num_experts: int,
-    conversation_ids=None,
     n_permutations: int = DEFAULT_PERMUTATIONS,
     seed: int = 0,
-) -> ExcessSeparation:
-    """Separation, its within-conversation permutation null, the excess and its z-score."""
-    observed = separation(expert_ids, turn_ids, num_experts)
-    null = separation_null(expert_ids, turn_ids, num_experts, conversation_ids, n_permutations, seed)
-    excess = observed - null.mean
-    z = excess / null.std if null.std > 0 else math.nan
-    return ExcessSeparation(observed, null.mean, null.std, excess, z)
+) -> SeparationTest:
+    """Randomisation test of "routing does not depend on the phase" through the separation.
+
+    expert_index [N] or [N, k], turn_ids [N] (phase label per token, −1 = ignore) and
+    conversation_ids [N]; or [B, S(, k)] arrays with conversation_ids None, one conversation per row.
+    A turn is one (conversation, phase label) pair: each phase is one contiguous turn. The null keeps
+    every turn's tokens and routing where they are and permutes the phase labels of each
+    conversation's turns uniformly at random, independently per conversation — it re-draws the
+    design's random phase order. The test is exact (level ≤ α for any routing process, however
+    correlated in time) when, and only when, the data generator drew each conversation's phase
+    order uniformly at random. With one fixed phase order (see ``phase_order_is_fixed`` in the
+    result) position drift alone rejects it: report such data as "separation cannot be told apart
+    from position". With a single conversation every relabelling only permutes the rows of M, so the
+    p-value is 1: the power comes from comparing conversations.
+
+    Replaces the token-level shuffle of turn labels, which broke the time correlation of routing and
+    rejected turn-blind AR(1) routing in nearly every replicate.
+    """
+    if n_permutations < 1:
+        raise ValueError(f"n_permutations must be at least 1 (got {n_permutations})")
+    experts = _numpy(expert_index)
+    turns = _numpy(turn_ids)
+    if experts.shape == turns.shape:
+        experts = experts[..., None]  # top-1 given as [N]
+    if conversation_ids is None and turns.ndim != 2:
+        raise ValueError("conversation_ids are needed unless turn_ids is [B, S] with one conversation per row")
+    experts, turns, conversations = _flatten_routing(experts, turns, num_experts, conversation_ids)
+    table = _turn_table(turns, conversations, experts, num_experts)
+    observed = float(_separation_of_labellings(table, table.labels[None, :])[0])
+    samples = _separation_of_labellings(table, _within_conversation_permutations(table, n_permutations, seed))
+    # A relabelling that reproduces the data gives the same value up to rounding: count it as a tie.
+    at_least = int(np.sum(samples >= observed - 1e-12 * abs(observed)))
+    null_mean = float(samples.mean())
+    null_std = float(samples.std(ddof=1)) if n_permutations > 1 else math.nan
+    excess = observed - null_mean
+    return SeparationTest(
+        separation=observed,
+        null_mean=null_mean,
+        null_std=null_std,
+        excess=excess,
+        z=excess / null_std if null_std > 0 else math.nan,
+        p_value=(1 + at_least) / (1 + n_permutations),
+        n_permutations=n_permutations,
+        phase_order_fixed=_order_is_fixed(table),
+        num_conversations=int(table.conversations.max()) + 1,
+        num_turns=len(table.labels),
+        null_samples=samples,
+    )
 
 
-def normalized_mutual_information(expert_ids, turn_ids, num_experts: int) -> float:
-    """I(expert; turn) / H(turn) over all top-k selections (plug-in estimate), in [0, 1].
+def uncertainty_coefficient(expert_ids, turn_ids, num_experts: int) -> float:
+    """Theil's uncertainty coefficient U(turn | expert) = I(expert; turn) / H(turn), in [0, 1].
 
-    Normalised by H(turn): the fraction of the turn's uncertainty that the expert choice removes,
-    so 1 means each expert serves a single turn, 0 means routing ignores the turn. The plug-in
-    estimate is biased upwards by ≈ (E−1)(T−1) / (2·n·H(turn)) nats for n selections.
+    Plug-in estimate over all top-k selections. It is the fraction of the turn's entropy that the
+    expert choice removes: 1 means each expert serves a single turn, 0 means routing ignores the
+    turn. (It is not a symmetric "normalised mutual information", which would divide by a mean of
+    H(turn) and H(expert).) The plug-in estimate is biased upwards by ≈ (E−1)(T−1) / (2·n·H(turn))
+    nats for n selections.
     """
     experts, turns, _ = _flatten_routing(expert_ids, turn_ids, num_experts)
     joint = _turn_expert_counts(experts, turns, int(turns.max()) + 1, num_experts).astype(float)
@@ -280,17 +384,6 @@ def routing_preservation(expert_ids, reference_expert_ids, valid=None) -> float:
 def expert_variance(field) -> np.ndarray | float:
     """Variance across experts (last axis, ddof=0) of a T̄ field: [E] → scalar, [L, E] → [L]."""
     variance = _numpy(field).astype(float).var(axis=-1)
-    return float(variance) if variance.ndim == 0 else variance
-
-
-def temporal_variance(trajectory, window: int | None = None) -> np.ndarray | float:
-    """Variance over time (axis 0, ddof=0) of a trajectory [T, ...], optionally of its last ``window`` steps."""
-    values = _numpy(trajectory).astype(float)
-    if window is not None:
-        if window < 1:
-            raise ValueError(f"window must be at least 1 (got {window})")
-        values = values[-window:]
-    variance = values.var(axis=0)
     return float(variance) if variance.ndim == 0 else variance
 
 

@@ -2,21 +2,27 @@
 
 Each seed gives one paired difference (same init, data and order; controller on minus off). With
 the 3–10 seeds a sweep can afford, report intervals and exact tests rather than mean ± SD:
-Wilson intervals for success fractions, a paired bootstrap CI for the mean difference, a Wilcoxon
-signed-rank p-value, and Holm's correction across the cells of a grid (field-anchors.md §5).
+Wilson intervals for success fractions, a paired t-interval for the mean difference, a Wilcoxon
+signed-rank p-value, direct paired contrasts between two arms, Holm's correction across a declared
+family of contrasts, and the noise floor (minimum detectable effect, seeds needed) of the design.
 Undefined results (too few seeds, no non-zero difference) come back as NaN with a stated reason.
+
+The percentile bootstrap was dropped: at n = 10 seeds it covered the mean difference 89.5% of the
+time for a nominal 95% (it ignores the t quantile's heavier tail); the t-interval covered 94.3%.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import stats
+from scipy import optimize, stats
 
 DEFAULT_CONFIDENCE = 0.95
-DEFAULT_RESAMPLES = 10_000
+DEFAULT_ALPHA = 0.05
+DEFAULT_POWER = 0.8
 
 
 def _values(values) -> np.ndarray:
@@ -34,51 +40,49 @@ def wilson_interval(k: int, n: int, confidence: float = DEFAULT_CONFIDENCE) -> t
 
 
 @dataclass(frozen=True)
-class BootstrapCI:
-    """Mean of paired differences with a bootstrap interval; ``reason`` explains a NaN interval."""
+class TInterval:
+    """Mean of paired differences with its Student-t interval and two-sided one-sample t-test.
+
+    sd: sample standard deviation (ddof=1); p_value: two-sided, of H0 "mean difference = 0";
+    ``reason`` explains NaN fields (fewer than two seeds, or all differences equal).
+    """
 
     mean: float
     low: float
     high: float
+    sd: float
     n: int
+    p_value: float
+    confidence: float = DEFAULT_CONFIDENCE
     reason: str = ""
 
 
-def paired_bootstrap_ci(
-    deltas,
-    n_resamples: int = DEFAULT_RESAMPLES,
-    confidence: float = DEFAULT_CONFIDENCE,
-    seed: int = 0,
-    method: str = "percentile",
-) -> BootstrapCI:
-    """Bootstrap CI of the mean of per-seed paired differences (on − off).
+def paired_t_interval(deltas, confidence: float = DEFAULT_CONFIDENCE) -> TInterval:
+    """t-interval mean ± t_{n−1, (1+c)/2} · sd / √n of per-seed paired differences (on − off).
 
-    Resampling the differences resamples whole pairs, which is the paired bootstrap. ``method`` is
-    passed to ``scipy.stats.bootstrap`` ("percentile", "basic" or "BCa"); percentile is the default
-    because BCa's acceleration estimate is unstable with a handful of seeds.
+    Exact for normal differences; with a handful of seeds it covers far closer to nominal than the
+    percentile bootstrap. Raises on NaN or inf (drop or fix failed runs first).
     """
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence must lie in (0, 1) (got {confidence})")
     values = _values(deltas)
-    if np.isnan(values).any():
-        raise ValueError("deltas contain NaN; drop or fix failed runs before bootstrapping")
-    if len(values) == 0:
-        return BootstrapCI(math.nan, math.nan, math.nan, 0, "no seeds")
+    if not np.all(np.isfinite(values)):
+        raise ValueError("deltas contain NaN or inf; drop or fix failed runs before computing an interval")
+    n = len(values)
+    if n == 0:
+        return TInterval(math.nan, math.nan, math.nan, math.nan, 0, math.nan, confidence, "no seeds")
     mean = float(values.mean())
-    if len(values) == 1:
-        return BootstrapCI(mean, math.nan, math.nan, 1, "one seed: resampling it has no variability")
-    if np.all(values == values[0]):
-        # Every resample has the same mean; scipy would warn about a degenerate distribution.
-        return BootstrapCI(mean, mean, mean, len(values), "all differences equal: zero-width interval")
-    result = stats.bootstrap(
-        (values,),
-        np.mean,
-        n_resamples=n_resamples,
-        confidence_level=confidence,
-        method=method,
-        vectorized=True,
-        rng=np.random.default_rng(seed),
-    )
-    interval = result.confidence_interval
-    return BootstrapCI(mean, float(interval.low), float(interval.high), len(values))
+    if n == 1:
+        return TInterval(mean, math.nan, math.nan, math.nan, 1, math.nan, confidence,
+                         "one seed: no estimate of the spread")
+    sd = float(values.std(ddof=1))
+    if sd == 0:
+        return TInterval(mean, mean, mean, 0.0, n, math.nan, confidence,
+                         "all differences equal: zero-width interval, no t-test")
+    standard_error = sd / math.sqrt(n)
+    half_width = float(stats.t.ppf(0.5 + confidence / 2, n - 1)) * standard_error
+    p_value = float(2 * stats.t.sf(abs(mean) / standard_error, n - 1))
+    return TInterval(mean, mean - half_width, mean + half_width, sd, n, p_value, confidence)
 
 
 @dataclass(frozen=True)
@@ -105,6 +109,36 @@ def signed_rank_p(deltas) -> SignedRank:
     return SignedRank(float(result.statistic), float(result.pvalue), len(values))
 
 
+@dataclass(frozen=True)
+class PairedContrast:
+    """Arm a minus arm b, paired by seed: the t-interval of the differences and their Wilcoxon test."""
+
+    interval: TInterval
+    signed_rank: SignedRank
+
+    @property
+    def mean(self) -> float:
+        return self.interval.mean
+
+
+def paired_contrast(a, b, confidence: float = DEFAULT_CONFIDENCE) -> PairedContrast:
+    """Direct contrast of two arms with per-seed values a[i], b[i] from the same seed i.
+
+    E.g. a = Δloss of pt and b = Δloss of pressure per seed: the interval is of mean(a − b), which
+    answers "does pt beat pressure" directly, unlike comparing two separate intervals. Raises
+    ValueError for unequal lengths, fewer than two seeds or non-finite values.
+    """
+    first, second = _values(a), _values(b)
+    if len(first) != len(second):
+        raise ValueError(f"paired_contrast needs one value per seed in each arm (got {len(first)} and {len(second)})")
+    if len(first) < 2:
+        raise ValueError(f"paired_contrast needs at least two seeds (got {len(first)})")
+    if not (np.all(np.isfinite(first)) and np.all(np.isfinite(second))):
+        raise ValueError("paired_contrast got NaN or inf values; drop the failed seeds from both arms first")
+    differences = first - second
+    return PairedContrast(paired_t_interval(differences, confidence), signed_rank_p(differences))
+
+
 def holm_correction(pvalues) -> np.ndarray:
     """Holm step-down adjusted p-values (family-wise error), same order as given; NaN stays NaN.
 
@@ -121,6 +155,17 @@ def holm_correction(pvalues) -> np.ndarray:
     scaled = np.minimum(1.0, (m - np.arange(m)) * values[order])
     adjusted[order] = np.maximum.accumulate(scaled)
     return adjusted
+
+
+def holm_family(pvalues: Mapping[str, float]) -> dict[str, float]:
+    """Holm-adjusted p-values of a declared family of named contrasts, {name: p} → {name: p̃}.
+
+    The family is exactly the mapping given (NaN entries stay NaN and are not counted), so declare
+    every contrast a report tests — not only the ones that look interesting.
+    """
+    names = list(pvalues)
+    adjusted = holm_correction([pvalues[name] for name in names])
+    return {name: float(value) for name, value in zip(names, adjusted, strict=True)}
 
 
 @dataclass(frozen=True)
@@ -147,17 +192,61 @@ def robustness(delta_loss, delta_excess_separation, confidence: float = DEFAULT_
     return Robustness(successes, len(loss), successes / len(loss), low, high)
 
 
-def iqm(values) -> float:
-    """Interquartile mean: the mean of the middle 50% (25% trimmed from each end)."""
-    return float(stats.trim_mean(_values(values), 0.25))
+# ----------------------------------------------------------------------------------------------
+# Noise floor and power of the paired (one-sample) t-test
+# ----------------------------------------------------------------------------------------------
 
 
-def probability_of_improvement(x, y) -> float:
-    """P(X > Y) + ½·P(X = Y) over all pairs (Mann–Whitney U / (n_x·n_y)).
+def _check_design(sd: float, alpha: float, power: float | None = None) -> None:
+    if not (math.isfinite(sd) and sd > 0):
+        raise ValueError(f"sd must be positive and finite (got {sd})")
+    if not 0 < alpha < 1:
+        raise ValueError(f"alpha must lie in (0, 1) (got {alpha})")
+    if power is not None and not alpha < power < 1:
+        raise ValueError(f"power must lie in (alpha={alpha}, 1) (got {power})")
 
-    For losses, where lower is better, pass (loss_off, loss_on) to get P(on beats off).
+
+def paired_t_power(effect: float, sd: float, n: int, alpha: float = DEFAULT_ALPHA) -> float:
+    """Power of the two-sided one-sample t-test of n paired differences with mean ``effect``, SD ``sd``.
+
+    Exact: under the alternative T follows a noncentral t with n − 1 degrees of freedom and
+    noncentrality effect·√n / sd.
     """
-    first, second = _values(x), _values(y)
-    if len(first) == 0 or len(second) == 0:
-        raise ValueError("probability_of_improvement needs at least one value in each sample")
-    return float(stats.mannwhitneyu(first, second).statistic / (len(first) * len(second)))
+    _check_design(sd, alpha)
+    if n < 2:
+        raise ValueError(f"a t-test needs at least two seeds (got n={n})")
+    df, noncentrality = n - 1, abs(effect) * math.sqrt(n) / sd
+    critical = stats.t.ppf(1 - alpha / 2, df)
+    return float(stats.nct.sf(critical, df, noncentrality) + stats.nct.cdf(-critical, df, noncentrality))
+
+
+def minimum_detectable_effect(sd: float, n: int, alpha: float = DEFAULT_ALPHA, power: float = DEFAULT_POWER) -> float:
+    """Smallest mean paired difference that n seeds detect with the given power (two-sided t-test).
+
+    In the units of ``sd`` (the SD of the per-seed differences): the noise floor of the design.
+    Solved exactly on the noncentral t with ``brentq``.
+    """
+    _check_design(sd, alpha, power)
+    if n < 2:
+        raise ValueError(f"a t-test needs at least two seeds (got n={n})")
+    upper = sd
+    while paired_t_power(upper, sd, n, alpha) < power:
+        upper *= 2
+    return float(optimize.brentq(lambda effect: paired_t_power(effect, sd, n, alpha) - power, 0.0, upper,
+                                 xtol=1e-12 * sd))
+
+
+def seeds_needed(sd: float, effect: float, alpha: float = DEFAULT_ALPHA, power: float = DEFAULT_POWER) -> int:
+    """Smallest number of seeds n ≥ 2 whose two-sided paired t-test has the given power for ``effect``.
+
+    Starts from the normal approximation ((z_{1−α/2} + z_{power})·sd / effect)², a lower bound, and
+    steps up until the exact noncentral-t power reaches the target.
+    """
+    _check_design(sd, alpha, power)
+    if not (math.isfinite(effect) and effect != 0):
+        raise ValueError(f"effect must be non-zero and finite (got {effect})")
+    normal = ((stats.norm.ppf(1 - alpha / 2) + stats.norm.ppf(power)) * sd / abs(effect)) ** 2
+    n = max(2, math.floor(normal))
+    while paired_t_power(effect, sd, n, alpha) < power:
+        n += 1
+    return n
