@@ -1,6 +1,6 @@
 """torch.compile: a wrapped mixtral-2l8e (grouped_mm experts) compiled with ``fullgraph=True``.
 
-The compiled object is the HF model itself (``torch.compile(wrapped.base_model, fullgraph=True)``),
+The compiled object is the HF model itself (``torch.compile(wrapped.model, fullgraph=True)``),
 so the router hooks — modulate, selection, observe — are traced into the graph; the controller's
 ``step()`` stays eager Python between forwards and edits the field buffers in place, which the
 compiled graph reads without recompiling. Measured (8 × 512, ``inference_mode``):
@@ -65,7 +65,7 @@ def run(ctx: Context) -> dict[str, Any]:
     repeats = 10 if ctx.is_cuda else 1
     torch._dynamo.reset()
     plain = build_model(MODEL, ctx)
-    wrapped = chronovisor.wrap(build_model(MODEL, ctx), chronovisor.PTConfig(mode="pt"), tick="manual")
+    wrapped = chronovisor.wrap(build_model(MODEL, ctx), chronovisor.PTConfig(mode="pt"), step_mode="manual")
     controller = wrapped.controller
     ids = token_batch(batch, length, plain.config.vocab_size, ctx.device, seed=ctx.seed)
 
@@ -77,15 +77,15 @@ def run(ctx: Context) -> dict[str, Any]:
             wrapped(input_ids=ids, use_cache=False)
             controller.step()
         plain_c = _compile(plain, forward, ctx)
-        wrapped_c = _compile(wrapped.base_model, forward, ctx)
+        wrapped_c = _compile(wrapped.model, forward, ctx)
         compiled_plain, compiled_wrapped = plain_c["compiled"], wrapped_c["compiled"]
-        eager_out = forward(wrapped.base_model)
+        eager_out = forward(wrapped.model)
         compiled_out = forward(compiled_wrapped)
         max_diff = float((eager_out.float() - compiled_out.float()).abs().max())
 
         times = interleaved({
             "eager plain": lambda: forward(plain),
-            "eager wrapped": lambda: forward(wrapped.base_model),
+            "eager wrapped": lambda: forward(wrapped.model),
             "compiled plain": lambda: forward(compiled_plain),
             "compiled wrapped": lambda: forward(compiled_wrapped),
         }, ctx.device, rounds=rounds, warmup=1, repeats=repeats)
@@ -95,7 +95,7 @@ def run(ctx: Context) -> dict[str, Any]:
         for _ in range(5):                                     # one field update (update_every=5)
             wrapped(input_ids=ids, use_cache=False)
             controller.step()
-        after_eager = forward(wrapped.base_model)
+        after_eager = forward(wrapped.model)
         after_compiled = forward(compiled_wrapped)
         recompiles = wrapped_c["counter"].frame_count - graphs_before
         follows = float((after_eager.float() - after_compiled.float()).abs().max())

@@ -6,8 +6,8 @@ weights, timed interleaved (one call each per round, rotating order):
 
 * ``plain``: the unwrapped HF model (no hooks at all);
 * ``steer``: wrapped, controller ``pt`` (default η = 0.015, P = 0.5) after 10 warm-up ticks, so
-  b ≠ 0 and T ≠ 1 and the routing differs from the plain model's; the forward only (tick manual);
-* ``steer+tick``: the same wrapped model called the way users call it (``tick="auto"``): forward,
+  b ≠ 0 and T ≠ 1 and the routing differs from the plain model's; the forward only (step_mode manual);
+* ``steer+tick``: the same wrapped model called the way users call it (``step_mode="auto"``): forward,
   then one controller ``step()`` (default ``update_every=5``);
 * ``identity``: a freshly wrapped model (b = 0, T = 1: hooks run, routing re-selected, counts
   observed, no tick), whose output must equal the plain model's bit for bit.
@@ -35,8 +35,8 @@ def run(ctx: Context) -> dict[str, Any]:
     rounds = (3 if ctx.quick else 15) if not ctx.is_cuda else (5 if ctx.quick else 30)
     repeats = 10 if ctx.is_cuda else 1
     plain = build_model(MODEL, ctx)
-    steered = chronovisor.wrap(build_model(MODEL, ctx), chronovisor.PTConfig(mode="pt"), tick="manual")
-    identity = chronovisor.wrap(build_model(MODEL, ctx), chronovisor.PTConfig(mode="pt"), tick="manual")
+    steered = chronovisor.wrap(build_model(MODEL, ctx), chronovisor.PTConfig(mode="pt"), step_mode="manual")
+    identity = chronovisor.wrap(build_model(MODEL, ctx), chronovisor.PTConfig(mode="pt"), step_mode="manual")
     ids = token_batch(batch, length, plain.config.vocab_size, ctx.device, seed=ctx.seed)
     controller = steered.controller
 
@@ -66,11 +66,11 @@ def run(ctx: Context) -> dict[str, Any]:
             plain(input_ids=ids, use_cache=False)
 
         def call_steer():
-            steered.tick = "manual"
+            steered.step_mode = "manual"
             steered(input_ids=ids, use_cache=False)
 
         def call_steer_tick():
-            steered.tick = "auto"
+            steered.step_mode = "auto"
             steered(input_ids=ids, use_cache=False)
 
         def call_identity():

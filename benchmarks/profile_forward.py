@@ -78,7 +78,7 @@ def main(argv=None) -> int:
     calls = 20 if device.type == "cuda" else 3
 
     plain = build_model(MODEL, ctx)
-    cm = chronovisor.wrap(build_model(MODEL, ctx), chronovisor.PTConfig(mode="pt"), tick="manual")
+    cm = chronovisor.wrap(build_model(MODEL, ctx), chronovisor.PTConfig(mode="pt"), step_mode="manual")
     ids = token_batch(args.batch, args.length, plain.config.vocab_size, device)
     result: dict = {"environment": environment(ctx), "model": MODEL, "batch": args.batch, "length": args.length}
     with torch.inference_mode():

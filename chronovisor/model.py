@@ -2,7 +2,7 @@
 
     import chronovisor
     model = chronovisor.wrap(hf_moe_model, chronovisor.PTConfig(eta=0.015, pressure_scale=0.5))
-    out = model(input_ids=ids, labels=ids)      # routers modulated; one controller tick afterwards
+    out = model(input_ids=ids, labels=ids)      # routers modulated; one controller step() afterwards
     with model.disable_controller():            # the exact base model, for paired baselines
         base_out = model(input_ids=ids, labels=ids)
     model.save_pretrained("my-controller")      # kilobytes: the controller only
@@ -10,7 +10,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,9 +20,10 @@ import torch
 from torch import nn
 
 from chronovisor.controllers import PTConfig, PTController
-from chronovisor.wrappers import Attachment, ModelInfo, attach, build_toy, describe, list_presets
+from chronovisor.wrappers import Attachment, ModelInfo, Routers, build_toy, discover, list_presets
 
-TICK_MODES = ("auto", "manual")
+#: ``step_mode`` values: ``"auto"`` steps the controller after every call, ``"manual"`` leaves it to the caller.
+STEP_MODES = ("auto", "manual")
 
 
 @dataclass
@@ -44,7 +45,7 @@ class RoutingRecord:
     weights: list[torch.Tensor] = field(default_factory=list)
 
 
-def _execution_device(model: nn.Module, info: ModelInfo) -> torch.device:
+def _execution_device(info: ModelInfo) -> torch.device:
     """Where the first router runs; the controller's state lives there (``meta`` falls back to CPU)."""
     device = torch.device(info.router_devices[0])
     return torch.device("cpu") if device.type == "meta" else device
@@ -53,49 +54,64 @@ def _execution_device(model: nn.Module, info: ModelInfo) -> torch.device:
 class ChronovisorModel(nn.Module):
     """A HuggingFace MoE model with a P×T controller hooked into its routers.
 
-    Calls (``forward``, ``generate``) go to the base model; attributes it does not have itself are
-    looked up on the base model, as with PEFT's ``PeftModel``. With ``tick="auto"`` the controller
-    ticks once after every forward (passing ``outputs.loss`` when there is one) and once after
-    every ``generate`` call; with ``tick="manual"`` the caller runs ``model.controller.step()``.
+    Calls (``forward``, ``generate``) go to the HF model; attributes the wrapper does not have
+    itself are looked up on the HF model, as with PEFT's ``PeftModel`` (so ``wrapped.config`` is
+    the HF config and ``wrapped.base_model`` is the HF backbone, transformers' meaning of the name).
+    With ``step_mode="auto"`` the controller steps once after every forward (passing
+    ``outputs.loss`` when there is one) and once after every ``generate`` call; with
+    ``step_mode="manual"`` the caller runs ``model.controller.step()``.
+
+    Args:
+        model: the transformers MoE model.
+        controller: the :class:`~chronovisor.controllers.PTController`, shaped like the hooked routers.
+        step_mode: ``"auto"`` or ``"manual"`` (see above).
+        routers: which routers to hook, from :func:`chronovisor.wrappers.discover` on ``model``
+            (e.g. ``discover(model, stacks=("decoder",))``); None hooks every router.
 
     Attributes:
-        base_model: the wrapped transformers model (unchanged apart from router hooks).
+        model: the wrapped transformers model, task head included (unchanged apart from router
+            hooks); :meth:`get_base_model` returns it too.
         controller: the :class:`~chronovisor.controllers.PTController`.
-        info: the :class:`~chronovisor.wrappers.ModelInfo` (family, routers, shape).
+        info: the :class:`~chronovisor.wrappers.ModelInfo` of the hooked routers (family, paths, shape).
         attachment: the hooks (:class:`~chronovisor.wrappers.Attachment`).
     """
 
-    def __init__(self, base_model: nn.Module, controller: PTController, tick: str = "auto"):
+    def __init__(self, model: nn.Module, controller: PTController, step_mode: str = "auto", *,
+                 routers: Routers | None = None):
         super().__init__()
-        self.base_model = base_model
+        if routers is not None and routers.model is not model:
+            raise ValueError("ChronovisorModel: `routers` was discovered on another model; "
+                             "pass discover(model) of the model being wrapped")
+        self.model = model
         self.controller = controller
-        self.attachment: Attachment = attach(base_model, controller)
+        self.attachment: Attachment = (routers or discover(model)).attach(controller)
         self.info: ModelInfo = self.attachment.info
-        self.tick = tick
+        self.step_mode = step_mode
 
     # -------------------------------------------------------------- forwarding
     @property
-    def tick(self) -> str:
-        return self._tick
+    def step_mode(self) -> str:
+        """``"auto"`` (the controller steps after every call) or ``"manual"``; assignable."""
+        return self._step_mode
 
-    @tick.setter
-    def tick(self, value: str) -> None:
-        if value not in TICK_MODES:
-            raise ValueError(f"tick must be one of {', '.join(TICK_MODES)}, got {value!r}")
-        self._tick = value
+    @step_mode.setter
+    def step_mode(self, value: str) -> None:
+        if value not in STEP_MODES:
+            raise ValueError(f"step_mode must be one of {', '.join(map(repr, STEP_MODES))}, got {value!r}")
+        self._step_mode = value
 
     def _after_call(self, loss: torch.Tensor | None) -> None:
-        if self._tick == "auto" and self.attachment.enabled:
+        if self._step_mode == "auto" and self.attachment.enabled:
             self.controller.step(loss=loss)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        outputs = self.base_model(*args, **kwargs)
+        outputs = self.model(*args, **kwargs)
         self._after_call(getattr(outputs, "loss", None))
         return outputs
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
-        """``base_model.generate``; every decoding step is observed, the controller ticks once after."""
-        outputs = self.base_model.generate(*args, **kwargs)
+        """``model.generate``; every decoding step is observed, the controller steps once after."""
+        outputs = self.model.generate(*args, **kwargs)
         self._after_call(None)
         return outputs
 
@@ -103,14 +119,18 @@ class ChronovisorModel(nn.Module):
         try:
             return super().__getattr__(name)
         except AttributeError:
-            if name == "base_model":  # not yet set during __init__
+            if name == "model":  # not yet set during __init__
                 raise
-            return getattr(self.base_model, name)
+            return getattr(self.model, name)
+
+    def get_base_model(self) -> nn.Module:
+        """The wrapped transformers model, task head included (PEFT's ``get_base_model``)."""
+        return self.model
 
     # ----------------------------------------------------------- PEFT surface
     @contextmanager
     def disable_controller(self) -> Iterator[ChronovisorModel]:
-        """Inside the block the model is exactly the base model: no modulation, no counts, no tick."""
+        """Inside the block the model is exactly the base model: no modulation, no counts, no step."""
         with self.attachment.disabled():
             yield self
 
@@ -127,7 +147,7 @@ class ChronovisorModel(nn.Module):
 
     def freeze_base(self) -> ChronovisorModel:
         """``requires_grad_(False)`` on every base parameter: only the controller can train."""
-        self.base_model.requires_grad_(False)
+        self.model.requires_grad_(False)
         return self
 
     def trainable_parameters(self) -> tuple[int, int]:
@@ -147,7 +167,7 @@ class ChronovisorModel(nn.Module):
     def unwrap(self) -> nn.Module:
         """Remove every hook and return the base model as it was."""
         self.attachment.remove()
-        return self.base_model
+        return self.model
 
     def save_pretrained(self, directory: str | Path) -> Path:
         """Write the controller only: ``controller.safetensors`` + ``controller_config.json``.
@@ -160,7 +180,7 @@ class ChronovisorModel(nn.Module):
 
         import chronovisor
 
-        base_config = getattr(self.base_model, "config", None)
+        base_config = getattr(self.model, "config", None)
         metadata = {
             "base_model_name_or_path": getattr(base_config, "_name_or_path", None) or None,
             "family": self.info.family,
@@ -176,42 +196,60 @@ class ChronovisorModel(nn.Module):
         return self.controller.save(directory, metadata=metadata)
 
     @classmethod
-    def from_pretrained(cls, base_model: nn.Module, directory: str | Path, is_trainable: bool = False,
-                        tick: str = "auto") -> ChronovisorModel:
-        """Wrap ``base_model`` with the controller saved in ``directory``.
+    def from_pretrained(cls, model: nn.Module, directory: str | Path, is_trainable: bool = False,
+                        step_mode: str = "auto", *, stacks: Sequence[str] | None = None) -> ChronovisorModel:
+        """Wrap ``model`` with the controller saved in ``directory``.
 
-        The saved config is used as is. With ``is_trainable=False`` the learnable offsets (if any)
-        are frozen. Raises ValueError naming the mismatch when the controller was saved for another
-        shape (layers, experts, top-k) or family.
+        The saved config is used as is. Raises ValueError naming the mismatch when the controller
+        was saved for another shape (layers, experts, top-k) or family.
+
+        Args:
+            model: the transformers model.
+            directory: written by :meth:`save_pretrained`.
+            is_trainable: keep the learnable offsets (if any) trainable; False freezes them.
+            step_mode: ``"auto"`` or ``"manual"`` (see :class:`ChronovisorModel`).
+            stacks: hook only the routers of these stacks, as when the controller was saved
+                (see :func:`chronovisor.wrappers.discover`).
         """
         saved = PTController.read_description(directory)
-        info = describe(base_model)
+        routers = discover(model, stacks=stacks)
+        info = routers.info
         if saved.get("family") not in (None, info.family):
             raise ValueError(f"controller in {directory} was saved for the {saved['family']} family, "
                              f"but {info.model_class} is {info.family}")
-        mismatches = [f"{name}={saved[name]} (the model needs {name}={getattr(info, name)})"
-                      for name in ("num_layers", "num_experts", "top_k") if saved[name] != getattr(info, name)]
+        mismatches = info.shape_mismatches(saved)
         if mismatches:
             raise ValueError(f"controller in {directory} does not fit {info.model_class}: it has "
                              f"{', '.join(mismatches)}")
-        controller = PTController.load(directory, map_location=_execution_device(base_model, info))
+        controller = PTController.load(directory, map_location=_execution_device(info))
         controller.requires_grad_(is_trainable)
-        return cls(base_model, controller, tick=tick)
+        return cls(model, controller, step_mode, routers=routers)
 
 
-def wrap(model: nn.Module, config: PTConfig | None = None, *, tick: str = "auto",
-         freeze_base: bool = False) -> ChronovisorModel:
-    """Hook a fresh P×T controller into every MoE router of ``model``.
+def wrap(model: nn.Module, config: PTConfig | None = None, *, step_mode: str = "auto",
+         freeze_base: bool = False, stacks: Sequence[str] | None = None) -> ChronovisorModel:
+    """Hook a fresh P×T controller into the MoE routers of ``model``.
 
     The controller is shaped from the model (MoE layers × experts, top-k) and placed on the device
     where the first router runs (accelerate's execution device for a dispatched model); its fields
     are moved to each router's output device per call, so models spread over several devices work.
-    ``freeze_base=True`` freezes every base parameter (controller-only training).
+
+    Args:
+        model: the transformers MoE model.
+        config: the controller's :class:`~chronovisor.controllers.PTConfig` (default: ``PTConfig()``),
+            or a sequence of them for a stacked controller.
+        step_mode: ``"auto"`` steps the controller after every forward / ``generate``; ``"manual"``
+            leaves ``model.controller.step()`` to the caller.
+        freeze_base: ``requires_grad_(False)`` on every parameter of ``model`` (controller-only training).
+        stacks: hook only the routers of these stacks, e.g. ``("decoder",)`` to leave Switch
+            Transformers' encoder routers out; the controller then has one layer per hooked router.
+            None hooks every router. An unknown stack raises a ValueError listing the valid ones.
     """
-    info = describe(model)
+    routers = discover(model, stacks=stacks)
+    info = routers.info
     controller = PTController(info.num_layers, info.num_experts, info.top_k, config or PTConfig())
-    controller.to(_execution_device(model, info))
-    wrapped = ChronovisorModel(model, controller, tick=tick)
+    controller.to(_execution_device(info))
+    wrapped = ChronovisorModel(model, controller, step_mode, routers=routers)
     if freeze_base:
         wrapped.freeze_base()
     return wrapped
@@ -275,22 +313,24 @@ def _dtype(value: torch.dtype | str) -> torch.dtype:
 def load(name_or_path: str, config: PTConfig | None = None, *, controller_dir: str | Path | None = None,
          seed: int = 0, device_map: str | dict | None = None, max_memory: dict | None = None,
          offload_folder: str | Path | None = None, torch_dtype: torch.dtype | str | None = None,
-         tick: str = "auto", freeze_base: bool = False, is_trainable: bool = False) -> ChronovisorModel:
+         step_mode: str = "auto", freeze_base: bool = False, is_trainable: bool = False,
+         stacks: Sequence[str] | None = None) -> ChronovisorModel:
     """Load a model (see :func:`load_base_model`) and wrap it.
 
     With ``controller_dir`` the controller saved there is restored (its saved config wins and
     ``config`` must be None; ``is_trainable`` as in :meth:`ChronovisorModel.from_pretrained`);
-    otherwise a fresh controller with ``config`` is attached. ``freeze_base`` freezes the base.
+    otherwise a fresh controller with ``config`` is attached. ``freeze_base``, ``step_mode`` and
+    ``stacks`` as in :func:`wrap`; the other arguments as in :func:`load_base_model`.
     """
     base = load_base_model(name_or_path, seed=seed, device_map=device_map, max_memory=max_memory,
                            offload_folder=offload_folder, torch_dtype=torch_dtype)
     if controller_dir is not None:
         if config is not None:
             raise ValueError("pass either config or controller_dir to chronovisor.load, not both")
-        wrapped = ChronovisorModel.from_pretrained(base, controller_dir, is_trainable=is_trainable, tick=tick)
+        wrapped = ChronovisorModel.from_pretrained(base, controller_dir, is_trainable=is_trainable,
+                                                   step_mode=step_mode, stacks=stacks)
     else:
-        wrapped = wrap(base, config, tick=tick)
+        wrapped = wrap(base, config, step_mode=step_mode, stacks=stacks)
     if freeze_base:
         wrapped.freeze_base()
     return wrapped
-

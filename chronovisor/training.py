@@ -2,7 +2,7 @@
 
 The loop is a plain ``accelerate`` loop (``Accelerator.backward``, mixed precision and gradient
 accumulation as accelerate provides them) over the controller's parameters only:
-``pressure_offset`` δb[l, k] and ``log_temperature_offset`` δlogT[l, k] (see the controller spec).
+``pressure_offset`` δb[l, k] and ``log_temperature_offset`` δlogT[l, k] (see :class:`~chronovisor.controllers.PTController`).
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ def _cycle(batches: Iterable[Mapping[str, torch.Tensor]]) -> Iterator[Mapping[st
 def _input_device(model: ChronovisorModel, accelerator: Any) -> torch.device | None:
     """Where inputs go: nowhere for an accelerate-dispatched model (its hooks move them),
     else the accelerator's device, where the model is moved as well."""
-    if getattr(model.base_model, "hf_device_map", None):
+    if getattr(model.model, "hf_device_map", None):
         return None
     model.to(accelerator.device)
     return accelerator.device
@@ -93,7 +93,7 @@ def train_controller(model: ChronovisorModel, batches: Iterable[Mapping[str, tor
         raise ValueError("train_controller: mode 'off' ignores the controller, so its offsets cannot learn")
     _check_routing_has_gradient(model)
     model.freeze_base()
-    model.base_model.eval()
+    model.model.eval()
     parameters = [p for p in controller.parameters() if p.requires_grad]
     if not parameters:
         raise ValueError("train_controller: the controller's offsets are frozen (load with is_trainable=True)")

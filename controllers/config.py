@@ -1,12 +1,11 @@
 """PTConfig: every knob of the P×T controller, validated at construction.
 
-Defaults are the constants of DESIGN.md §3 (which follow the reference code, not its docs).
+Defaults are the reference code's constants (its code, where its docs differ).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -45,7 +44,7 @@ class PTConfig:
     seed: int = 0
     learnable: bool = False
 
-    # Reference constants (DESIGN.md §3).
+    # Constants of the reference code.
     eta_global_factor: float = 0.5
     pressure_gain: float = 2.0
     phase_step: float = 0.1
@@ -119,14 +118,6 @@ class PTConfig:
         if self.dynamics == "loss_free" and self.mode == "temperature":
             fail("mode", "the loss_free dynamics has no temperature field; use off, pressure or pt")
 
-    @property
-    def uses_pressure(self) -> bool:
-        return self.mode in ("pressure", "pt")
-
-    @property
-    def uses_temperature(self) -> bool:
-        return self.mode in ("temperature", "pt") and self.dynamics != "loss_free"
-
     def replace(self, **changes: Any) -> PTConfig:
         return dataclasses.replace(self, **changes)
 
@@ -140,6 +131,3 @@ class PTConfig:
         if unknown:
             raise ValueError(f"PTConfig: unknown field(s) {', '.join(unknown)}; known fields: {', '.join(sorted(known))}")
         return cls(**data)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True)

@@ -1,4 +1,4 @@
-"""PTController: the state and the tick of the P×T controller (DESIGN.md §3).
+"""PTController: the state and the tick (one step) of the P×T controller.
 
 One controller serves every MoE router of a model. Its state is a set of ``[L, E]`` buffers
 (L MoE layers, E experts) living on one device; the router hooks call

@@ -1,4 +1,4 @@
-"""The P×T field equations of DESIGN.md §3, as pure functions of tensors.
+"""The P×T field equations, as pure functions of tensors.
 
 Every function works on ``[..., L, E]`` tensors (layers × experts, with any leading dimensions,
 e.g. a configuration axis), so the single controller and a stacked multi-configuration one share

@@ -1,4 +1,7 @@
-"""Shared test set-up."""
+"""Shared test set-up.
+
+Sections: general fixtures; model-side fixtures (wrappers, ChronovisorModel, loading, training).
+"""
 
 import pytest
 import torch
@@ -25,3 +28,18 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+# ----------------------------------------------------- model side: wrappers, ChronovisorModel, loading
+@pytest.fixture
+def switch_tiny():
+    """A fresh tiny SwitchTransformers (2 encoder + 2 decoder routers, 8 experts, top-1), eval mode."""
+    return build_toy("switch-tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def switch_tiny_inputs():
+    """Encoder and decoder inputs for ``switch_tiny`` (batch 2, encoder 9 / decoder 6 tokens), no padding."""
+    generator = torch.Generator().manual_seed(1234)
+    return {"input_ids": torch.randint(3, 1000, (2, 9), generator=generator),
+            "decoder_input_ids": torch.randint(3, 1000, (2, 6), generator=generator)}

@@ -1,6 +1,6 @@
-"""Tests of the P×T controller against DESIGN.md §3.
+"""Tests of the P×T controller against its field equations.
 
-Expected values are computed here from the spec text (by hand, or by the small pure-Python
+Expected values are computed here from the equations (by hand, or by the small pure-Python
 oracle ``SpecReference`` below), never by calling ``chronovisor.controllers.dynamics``.
 """
 
@@ -103,7 +103,7 @@ def assert_all_finite(controller: PTController) -> None:
 
 
 class SpecReference:
-    """The `reference` preset of DESIGN.md §3 in plain Python floats (independent of the package)."""
+    """The `reference` preset in plain Python floats (independent of the package)."""
 
     def __init__(self, num_layers, num_experts, config: PTConfig, phases):
         self.L, self.N, self.c = num_layers, num_experts, config

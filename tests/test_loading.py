@@ -35,11 +35,6 @@ CPU_AND_DISK_MAP = {
 
 
 @pytest.fixture(scope="module")
-def model_dir(mixtral_tiny_dir):
-    return mixtral_tiny_dir
-
-
-@pytest.fixture(scope="module")
 def inputs():
     generator = torch.Generator().manual_seed(7)
     input_ids = torch.randint(3, 1000, (2, 10), generator=generator)
@@ -58,10 +53,10 @@ def steered_run(wrapped, inputs):
 
 
 @pytest.fixture(scope="module")
-def in_memory(model_dir, inputs):
+def in_memory(mixtral_tiny_dir, inputs):
     """Reference outputs of the wrapped model loaded fully into memory (no device map)."""
-    wrapped = chronovisor.load(str(model_dir), PTConfig(learnable=True), tick="manual")
-    assert not getattr(wrapped.base_model, "hf_device_map", None)
+    wrapped = chronovisor.load(str(mixtral_tiny_dir), PTConfig(learnable=True), step_mode="manual")
+    assert not getattr(wrapped.model, "hf_device_map", None)
     with torch.no_grad():
         plain = wrapped(**inputs).logits
     steered, record = steered_run(wrapped, inputs)
@@ -69,26 +64,26 @@ def in_memory(model_dir, inputs):
 
 
 @pytest.fixture(scope="module")
-def layer_bytes(model_dir):
-    sizes = compute_module_sizes(AutoModelForCausalLM.from_pretrained(model_dir))
+def layer_bytes(mixtral_tiny_dir):
+    sizes = compute_module_sizes(AutoModelForCausalLM.from_pretrained(mixtral_tiny_dir))
     return sizes["model.embed_tokens"], sizes["model.layers.0"]
 
 
-def load_offloaded(model_dir, tmp_path, **kwargs):
-    return chronovisor.load(str(model_dir), PTConfig(learnable=True), tick="manual",
+def load_offloaded(mixtral_tiny_dir, tmp_path, **kwargs):
+    return chronovisor.load(str(mixtral_tiny_dir), PTConfig(learnable=True), step_mode="manual",
                             offload_folder=str(tmp_path / "offload"), **kwargs)
 
 
 @pytest.fixture(scope="module")
-def explicit_offload(model_dir, tmp_path_factory):
-    return load_offloaded(model_dir, tmp_path_factory.mktemp("explicit"), device_map=dict(CPU_AND_DISK_MAP))
+def explicit_offload(mixtral_tiny_dir, tmp_path_factory):
+    return load_offloaded(mixtral_tiny_dir, tmp_path_factory.mktemp("explicit"), device_map=dict(CPU_AND_DISK_MAP))
 
 
 @pytest.fixture(scope="module")
-def auto_offload(model_dir, tmp_path_factory, layer_bytes):
+def auto_offload(mixtral_tiny_dir, tmp_path_factory, layer_bytes):
     embed, layer = layer_bytes
     budget = {"cpu": embed + layer // 2}            # room for the embeddings, not for a layer
-    return load_offloaded(model_dir, tmp_path_factory.mktemp("auto"), device_map="auto", max_memory=budget)
+    return load_offloaded(mixtral_tiny_dir, tmp_path_factory.mktemp("auto"), device_map="auto", max_memory=budget)
 
 
 def assert_same_steering(wrapped, inputs, in_memory):
@@ -106,7 +101,7 @@ def assert_same_steering(wrapped, inputs, in_memory):
 
 # --------------------------------------------------------------------------- explicit cpu+disk
 def test_explicit_cpu_and_disk_map_offloads_the_second_layer(explicit_offload):
-    base = explicit_offload.base_model
+    base = explicit_offload.model
     assert base.hf_device_map == CPU_AND_DISK_MAP
     router = base.model.layers[1].mlp.gate
     assert router.weight.device.type == "meta"                 # its weights live on disk
@@ -124,7 +119,7 @@ def test_explicit_cpu_and_disk_map_gives_the_same_steering(explicit_offload, inp
 
 
 def test_describe_reports_the_execution_device_of_offloaded_routers(explicit_offload):
-    info = describe(explicit_offload.base_model)
+    info = describe(explicit_offload.model)
     assert info.router_paths == ("model.layers.0.mlp.gate", "model.layers.1.mlp.gate")
     assert info.router_devices == ("cpu", "cpu")                # not "meta": accelerate runs it on the CPU
     assert explicit_offload.controller.pressure_offset.device.type == "cpu"
@@ -132,9 +127,9 @@ def test_describe_reports_the_execution_device_of_offloaded_routers(explicit_off
 
 # --------------------------------------------------------------------- device_map="auto" + budget
 def test_auto_map_with_a_small_cpu_budget_offloads_routed_layers_to_disk(auto_offload):
-    device_map = auto_offload.base_model.hf_device_map
+    device_map = auto_offload.model.hf_device_map
     assert "disk" in device_map.values()
-    offloaded_routers = [layer.mlp.gate for layer in auto_offload.base_model.model.layers
+    offloaded_routers = [layer.mlp.gate for layer in auto_offload.model.model.layers
                          if layer.mlp.gate.weight.device.type == "meta"]
     assert offloaded_routers, device_map
 
@@ -190,28 +185,28 @@ def test_placement_plan_spills_layers_to_cpu_when_the_gpus_are_full(caplog):
 
 # ----------------------------------------------------------------------------------- dtype
 @pytest.mark.parametrize("dtype", [torch.bfloat16, "bfloat16"])
-def test_bfloat16_load_is_bit_identical_to_the_unwrapped_bfloat16_model(model_dir, inputs, dtype):
-    reference = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).eval()
+def test_bfloat16_load_is_bit_identical_to_the_unwrapped_bfloat16_model(mixtral_tiny_dir, inputs, dtype):
+    reference = AutoModelForCausalLM.from_pretrained(mixtral_tiny_dir, dtype=torch.bfloat16).eval()
     with torch.no_grad():
         expected = reference(**inputs).logits
-    wrapped = chronovisor.load(str(model_dir), PTConfig(), torch_dtype=dtype)
-    assert next(wrapped.base_model.parameters()).dtype == torch.bfloat16
+    wrapped = chronovisor.load(str(mixtral_tiny_dir), PTConfig(), torch_dtype=dtype)
+    assert next(wrapped.model.parameters()).dtype == torch.bfloat16
     with torch.no_grad():
         logits = wrapped(**inputs).logits
     assert logits.dtype == torch.bfloat16
     assert torch.equal(logits, expected)
 
 
-def test_bfloat16_load_is_steerable(model_dir, inputs):
-    wrapped = chronovisor.load(str(model_dir), PTConfig(learnable=True), torch_dtype=torch.bfloat16,
-                               tick="manual")
+def test_bfloat16_load_is_steerable(mixtral_tiny_dir, inputs):
+    wrapped = chronovisor.load(str(mixtral_tiny_dir), PTConfig(learnable=True), torch_dtype=torch.bfloat16,
+                               step_mode="manual")
     _, record = steered_run(wrapped, inputs)
     assert all(bool((ids[:, 0] == STEERED_EXPERT).all()) for ids in record.expert_index)
 
 
-def test_an_unknown_dtype_name_is_rejected(model_dir):
+def test_an_unknown_dtype_name_is_rejected(mixtral_tiny_dir):
     with pytest.raises(ValueError, match="dtype"):
-        chronovisor.load(str(model_dir), PTConfig(), torch_dtype="float7")
+        chronovisor.load(str(mixtral_tiny_dir), PTConfig(), torch_dtype="float7")
 
 
 def test_loading_a_directory_without_config_json_names_it(tmp_path):
@@ -220,33 +215,33 @@ def test_loading_a_directory_without_config_json_names_it(tmp_path):
 
 
 # ------------------------------------------------------------------------ load() options
-def test_load_with_controller_dir_restores_a_saved_controller(model_dir, inputs, tmp_path):
-    original = chronovisor.load(str(model_dir), PTConfig(learnable=True), tick="manual")
+def test_load_with_controller_dir_restores_a_saved_controller(mixtral_tiny_dir, inputs, tmp_path):
+    original = chronovisor.load(str(mixtral_tiny_dir), PTConfig(learnable=True), step_mode="manual")
     with torch.no_grad():
         original.controller.pressure_offset[:, 5] = 4.0
         expected = original(**inputs).logits
     original.save_pretrained(tmp_path / "ctrl")
-    restored = chronovisor.load(str(model_dir), controller_dir=tmp_path / "ctrl", tick="manual")
+    restored = chronovisor.load(str(mixtral_tiny_dir), controller_dir=tmp_path / "ctrl", step_mode="manual")
     with torch.no_grad():
         assert torch.equal(restored(**inputs).logits, expected)
     assert not any(p.requires_grad for p in restored.controller.parameters())
 
 
-def test_load_refuses_both_a_config_and_a_controller_dir(model_dir, tmp_path):
-    chronovisor.load(str(model_dir), PTConfig()).save_pretrained(tmp_path / "ctrl")
+def test_load_refuses_both_a_config_and_a_controller_dir(mixtral_tiny_dir, tmp_path):
+    chronovisor.load(str(mixtral_tiny_dir), PTConfig()).save_pretrained(tmp_path / "ctrl")
     with pytest.raises(ValueError, match="config or controller_dir"):
-        chronovisor.load(str(model_dir), PTConfig(), controller_dir=tmp_path / "ctrl")
+        chronovisor.load(str(mixtral_tiny_dir), PTConfig(), controller_dir=tmp_path / "ctrl")
 
 
-def test_load_with_freeze_base_leaves_only_the_offsets_trainable(model_dir):
-    wrapped = chronovisor.load(str(model_dir), PTConfig(learnable=True), freeze_base=True)
-    assert not any(p.requires_grad for p in wrapped.base_model.parameters())
+def test_load_with_freeze_base_leaves_only_the_offsets_trainable(mixtral_tiny_dir):
+    wrapped = chronovisor.load(str(mixtral_tiny_dir), PTConfig(learnable=True), freeze_base=True)
+    assert not any(p.requires_grad for p in wrapped.model.parameters())
     assert wrapped.trainable_parameters()[0] == 2 * 2 * 8
 
 
 def test_load_of_a_preset_name_builds_the_seeded_toy_model(inputs):
     wrapped = chronovisor.load("mixtral-tiny", PTConfig(), seed=3)
     reference = build_toy("mixtral-tiny", seed=3)
-    assert all(torch.equal(a, b) for a, b in zip(wrapped.base_model.state_dict().values(),
+    assert all(torch.equal(a, b) for a, b in zip(wrapped.model.state_dict().values(),
                                                  reference.state_dict().values(), strict=True))
-    assert not wrapped.base_model.training
+    assert not wrapped.model.training

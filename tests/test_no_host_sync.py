@@ -1,4 +1,4 @@
-"""No host syncs in Chronovisor's hot path (DESIGN.md §2).
+"""No host syncs in Chronovisor's hot path.
 
 The router hooks (modulate, the family's selection, observe, recording, the padding-mask hooks)
 and the controller's tick must never read a tensor back to the host. On a CPU there is no sync to
@@ -124,19 +124,19 @@ def guard(monkeypatch):
     return sync_guard
 
 
-def guard_our_code(cm, wrap_fn) -> int:
-    """Wrap every chronovisor forward (pre-)hook in ``cm``'s model and the controller's ``step``.
+def guard_our_code(chronovisor_model, wrap_fn) -> int:
+    """Wrap every chronovisor forward (pre-)hook in ``chronovisor_model``'s model and the controller's ``step``.
 
     Returns the number of hooks wrapped (the test checks it is > 0, so it cannot pass vacuously).
     """
     wrapped = 0
-    for module in cm.base_model.modules():
+    for module in chronovisor_model.model.modules():
         for hooks in (module._forward_hooks, module._forward_pre_hooks):
             for key, fn in list(hooks.items()):
                 if getattr(fn, "__module__", "").startswith("chronovisor"):
                     hooks[key] = wrap_fn(fn)
                     wrapped += 1
-    cm.controller.step = wrap_fn(cm.controller.step)
+    chronovisor_model.controller.step = wrap_fn(chronovisor_model.controller.step)
     return wrapped
 
 
@@ -162,16 +162,16 @@ def _stack(inputs: dict[str, torch.Tensor], groups: int) -> dict[str, torch.Tens
     return {k: v.repeat(groups, 1) for k, v in inputs.items()}
 
 
-def _exercise(cm, inputs, forwards: int = 3) -> None:
+def _exercise(chronovisor_model, inputs, forwards: int = 3) -> None:
     """Forwards with ticks (auto, given the loss), recording on, a tick without a loss (as after
     ``generate``), and one forward with the controller disabled."""
     with torch.no_grad():
-        with cm.record_routing():
+        with chronovisor_model.record_routing():
             for _ in range(forwards):
-                cm(**inputs, use_cache=False)
-        cm.controller.step()
-        with cm.disable_controller(), cm.record_routing():
-            cm(**inputs, use_cache=False)
+                chronovisor_model(**inputs, use_cache=False)
+        chronovisor_model.controller.step()
+        with chronovisor_model.disable_controller(), chronovisor_model.record_routing():
+            chronovisor_model(**inputs, use_cache=False)
 
 
 def _config(variant: str, **extra) -> PTConfig:
@@ -193,70 +193,70 @@ def _check(guard: SyncGuard, wrapped_hooks: int) -> None:
 def test_guard_catches_a_sync_in_a_hook(guard, monkeypatch):
     """Positive control: a hook that calls .item() is reported (the guard is not vacuous)."""
     model = build_toy("mixtral-tiny")
-    cm = chronovisor.wrap(model, _config("pt"))
-    original = cm.controller.modulate
+    chronovisor_model = chronovisor.wrap(model, _config("pt"))
+    original = chronovisor_model.controller.modulate
 
     def syncing_modulate(layer, logits):
         logits.max().item()
         return original(layer, logits)
 
-    monkeypatch.setattr(cm.controller, "modulate", syncing_modulate)
-    wrapped = guard_our_code(cm, guard.wrap)
+    monkeypatch.setattr(chronovisor_model.controller, "modulate", syncing_modulate)
+    wrapped = guard_our_code(chronovisor_model, guard.wrap)
     with torch.no_grad():
-        cm(**_inputs(model), use_cache=False)
+        chronovisor_model(**_inputs(model), use_cache=False)
     assert wrapped > 0 and guard.entered > 0
     assert any("Tensor.item" in v for v in guard.violations)
 
 
 @pytest.mark.parametrize("preset", FAMILIES)
-def test_every_family_pt_and_loss_free(guard, preset):
+def test_pt_and_loss_free_hooks_read_nothing_back_to_the_host_in_every_family(guard, preset):
     """Each family: ``pt`` (reference, every tick updates the fields) and ``loss_free``, recording on."""
     for variant in ("pt", "loss_free") if preset not in NO_SELECTION_BIAS else ("pt",):
         model = build_toy(preset)
-        cm = chronovisor.wrap(model, _config(variant))
-        wrapped = guard_our_code(cm, guard.wrap)
-        _exercise(cm, _inputs(model))
+        chronovisor_model = chronovisor.wrap(model, _config(variant))
+        wrapped = guard_our_code(chronovisor_model, guard.wrap)
+        _exercise(chronovisor_model, _inputs(model))
         _check(guard, wrapped)
-        assert cm.controller.ticks == 4
+        assert chronovisor_model.controller.ticks == 4
 
 
 @pytest.mark.parametrize("preset", ["mixtral-tiny", "switch-tiny", "deepseek_v3-tiny"])
 @pytest.mark.parametrize("variant", ["off", "pressure", "temperature", "pt", "pt/paper", "temperature/paper",
                                      "pt/delayed", "loss_free"])
-def test_every_mode_and_dynamics(guard, preset, variant):
+def test_every_mode_and_dynamics_reads_nothing_back_to_the_host(guard, preset, variant):
     model = build_toy(preset)
-    cm = chronovisor.wrap(model, _config(variant))
-    wrapped = guard_our_code(cm, guard.wrap)
-    _exercise(cm, _inputs(model))
+    chronovisor_model = chronovisor.wrap(model, _config(variant))
+    wrapped = guard_our_code(chronovisor_model, guard.wrap)
+    _exercise(chronovisor_model, _inputs(model))
     _check(guard, wrapped)
 
 
 @pytest.mark.parametrize("preset", ["mixtral-tiny", "switch-tiny", "deepseek_v3-tiny"])
-def test_stacked_controller(guard, preset):
+def test_a_stacked_controller_reads_nothing_back_to_the_host(guard, preset):
     """A stacked controller (3 configurations = 3 groups of the batch), ticks with per-group losses."""
     model = build_toy(preset)
     configs = [PTConfig(eta=eta, pressure_scale=p, update_every=1, seed=s)
                for s, (eta, p) in enumerate([(0.01, 0.5), (0.03, 1.0), (0.0, 0.0)])]
-    cm = chronovisor.wrap(model, configs, tick="manual")
-    wrapped = guard_our_code(cm, guard.wrap)
+    chronovisor_model = chronovisor.wrap(model, configs, step_mode="manual")
+    wrapped = guard_our_code(chronovisor_model, guard.wrap)
     inputs = _stack(_inputs(model), len(configs))
-    with torch.no_grad(), cm.record_routing():
+    with torch.no_grad(), chronovisor_model.record_routing():
         for _ in range(3):
-            cm(**inputs, use_cache=False)
-            cm.controller.step(loss=torch.tensor([1.0, 2.0, 3.0]))
+            chronovisor_model(**inputs, use_cache=False)
+            chronovisor_model.controller.step(loss=torch.tensor([1.0, 2.0, 3.0]))
     _check(guard, wrapped)
 
 
-def test_learnable_offsets_under_autograd(guard):
+def test_learnable_offsets_under_autograd_read_nothing_back_to_the_host(guard):
     """Controller-only training path: the grad-enabled forward (fields cloned) and the tick."""
     model = build_toy("mixtral-tiny")
-    cm = chronovisor.wrap(model, _config("pt", learnable=True), freeze_base=True)
-    wrapped = guard_our_code(cm, guard.wrap)
+    chronovisor_model = chronovisor.wrap(model, _config("pt", learnable=True), freeze_base=True)
+    wrapped = guard_our_code(chronovisor_model, guard.wrap)
     for _ in range(2):
-        loss = cm(**_inputs(model), use_cache=False).loss
+        loss = chronovisor_model(**_inputs(model), use_cache=False).loss
         loss.backward()
     _check(guard, wrapped)
-    assert cm.controller.pressure_offset.grad is not None
+    assert chronovisor_model.controller.pressure_offset.grad is not None
 
 
 @pytest.mark.parametrize("preset", ["mixtral-tiny", "switch-tiny", "deepseek_v3-tiny", "qwen2_moe-tiny"])
@@ -274,13 +274,13 @@ def test_wrapped_forward_makes_no_more_host_reads_than_unwrapped(guard, preset):
         before = guard.total
         model(**inputs, use_cache=False)
         unwrapped = guard.total - before
-        cm = chronovisor.wrap(model, _config("pt"), tick="manual")
-        with cm.record_routing():
-            cm(**inputs, use_cache=False)
+        chronovisor_model = chronovisor.wrap(model, _config("pt"), step_mode="manual")
+        with chronovisor_model.record_routing():
+            chronovisor_model(**inputs, use_cache=False)
         before = guard.total
-        with cm.record_routing(keep_weights=True):
-            cm(**inputs, use_cache=False)
-            cm.controller.step()
+        with chronovisor_model.record_routing(keep_weights=True):
+            chronovisor_model(**inputs, use_cache=False)
+            chronovisor_model.controller.step()
             wrapped = guard.total - before
     assert wrapped <= unwrapped, f"wrapped forward made {wrapped} host reads, unwrapped {unwrapped}"
 
@@ -314,29 +314,29 @@ class CudaSyncGuard(SyncGuard):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("preset", ["mixtral-tiny", "switch-tiny", "deepseek_v3-tiny", "qwen2_moe-tiny", "gpt_oss-tiny"])
-def test_no_sync_on_cuda(preset, dtype):
+def test_the_cuda_hot_path_never_synchronises_with_the_host(preset, dtype):
     """Under ``set_sync_debug_mode("error")`` (active while chronovisor code runs) nothing syncs:
     every mode family of the fast path, loss_free, recording, the tick, a stacked controller."""
     device = torch.device("cuda")
     variants = ["pt", "off", "temperature/paper", "pt/delayed"] + ([] if preset in NO_SELECTION_BIAS else ["loss_free"])
     for variant in variants:
         model = build_toy(preset).to(device=device, dtype=dtype)
-        cm = chronovisor.wrap(model, _config(variant))
+        chronovisor_model = chronovisor.wrap(model, _config(variant))
         sync_guard = CudaSyncGuard()
-        wrapped = guard_our_code(cm, sync_guard.wrap)
-        _exercise(cm, _inputs(model, device))
+        wrapped = guard_our_code(chronovisor_model, sync_guard.wrap)
+        _exercise(chronovisor_model, _inputs(model, device))
         torch.cuda.synchronize()
         assert wrapped > 0 and sync_guard.entered > 0
-        assert cm.controller.ticks == 4
+        assert chronovisor_model.controller.ticks == 4
     model = build_toy(preset).to(device=device, dtype=dtype)
     configs = [PTConfig(eta=0.01 * (s + 1), update_every=1, seed=s) for s in range(3)]
-    cm = chronovisor.wrap(model, configs, tick="manual")
+    chronovisor_model = chronovisor.wrap(model, configs, step_mode="manual")
     sync_guard = CudaSyncGuard()
-    guard_our_code(cm, sync_guard.wrap)
+    guard_our_code(chronovisor_model, sync_guard.wrap)
     inputs = _stack(_inputs(model, device), 3)
-    with torch.no_grad(), cm.record_routing():
+    with torch.no_grad(), chronovisor_model.record_routing():
         for _ in range(3):
-            out = cm(**inputs, use_cache=False)
-            cm.controller.step(loss=out.loss.detach().expand(3))
+            out = chronovisor_model(**inputs, use_cache=False)
+            chronovisor_model.controller.step(loss=out.loss.detach().expand(3))
     torch.cuda.synchronize()
     assert sync_guard.entered > 0

@@ -93,14 +93,14 @@ def first_choice_share(wrapped: ChronovisorModel, batches, expert: int) -> list[
 @pytest.fixture(scope="module")
 def trained(corrupted_dir, batches):
     """One controller-only run: (wrapped model, log, base state before, loss before, share before)."""
-    wrapped = chronovisor.wrap(load_base(corrupted_dir), PTConfig(learnable=True, mode="pt"), tick="manual")
+    wrapped = chronovisor.wrap(load_base(corrupted_dir), PTConfig(learnable=True, mode="pt"), step_mode="manual")
     loss_before = mean_loss(wrapped, batches)
     share_before = first_choice_share(wrapped, batches, INTACT_EXPERT)
-    state_before = {name: tensor.clone() for name, tensor in wrapped.base_model.state_dict().items()}
-    wrapped.tick = "auto"
+    state_before = {name: tensor.clone() for name, tensor in wrapped.model.state_dict().items()}
+    wrapped.step_mode = "auto"
     log = train_controller(wrapped, batches, TrainConfig(steps=40, learning_rate=0.1, log_every=10),
                            progress=False)
-    wrapped.tick = "manual"
+    wrapped.step_mode = "manual"
     return wrapped, log, state_before, loss_before, share_before
 
 
@@ -113,12 +113,12 @@ def test_controller_only_training_lowers_the_training_loss_where_routing_matters
 
 def test_controller_only_training_changes_no_base_parameter(trained):
     wrapped, _, state_before, _, _ = trained
-    state_after = wrapped.base_model.state_dict()
+    state_after = wrapped.model.state_dict()
     assert state_after.keys() == state_before.keys()
     changed = [name for name in state_before if not torch.equal(state_before[name], state_after[name])]
     assert changed == []
-    assert not any(p.requires_grad for p in wrapped.base_model.parameters())
-    assert all(p.grad is None for p in wrapped.base_model.parameters())
+    assert not any(p.requires_grad for p in wrapped.model.parameters())
+    assert all(p.grad is None for p in wrapped.model.parameters())
 
 
 def test_the_learned_offsets_not_the_online_fields_lower_the_loss(trained, batches):
@@ -159,7 +159,7 @@ def test_a_trained_controller_saves_in_kilobytes_and_reloads_its_effect(trained,
     wrapped, _, _, _, _ = trained
     wrapped.save_pretrained(tmp_path / "ctrl")
     assert sum(path.stat().st_size for path in (tmp_path / "ctrl").iterdir()) < 32 * 1024
-    reloaded = ChronovisorModel.from_pretrained(load_base(corrupted_dir), tmp_path / "ctrl", tick="manual")
+    reloaded = ChronovisorModel.from_pretrained(load_base(corrupted_dir), tmp_path / "ctrl", step_mode="manual")
     assert mean_loss(reloaded, batches) == mean_loss(wrapped, batches)
 
 

@@ -15,6 +15,7 @@ import transformers
 
 from chronovisor.controllers import PTConfig, PTController
 from chronovisor.wrappers import (
+    FamilyAdapter,
     RouterLayoutError,
     UnsupportedModelError,
     WrapperError,
@@ -22,10 +23,14 @@ from chronovisor.wrappers import (
     build_toy,
     describe,
     list_presets,
+    mixtral,
+    register_family,
+    registry,
     supported_families,
     toy_config,
 )
 from chronovisor.wrappers import deepseek_v3 as deepseek_module
+from chronovisor.wrappers.base import topk_with_choice_bias
 
 FAMILY_PRESETS = [
     "mixtral-tiny",
@@ -152,12 +157,23 @@ def test_describe_finds_every_router(tiny):
     assert (info.num_layers, info.num_experts, info.top_k) == (num_layers, num_experts, top_k)
     assert info.router_paths[0] == first_path
     assert len(info.router_paths) == len(set(info.router_paths)) == num_layers
-    assert info.family in supported_families()
-    assert set(info.router_devices) == {"cpu"}
-    if tiny.family == "switch_transformers":
-        assert info.router_stacks == ("encoder", "encoder", "decoder", "decoder")
-    json.dumps(info.to_dict())
-    assert info.family in info.summary() and first_path in info.summary()
+
+
+def test_describe_names_a_registered_family(tiny):
+    assert tiny.info.family in supported_families()
+
+
+def test_describe_places_every_router_of_a_cpu_model_on_the_cpu(tiny):
+    assert set(tiny.info.router_devices) == {"cpu"}
+
+
+def test_model_info_is_json_serialisable_and_its_summary_names_family_and_routers(tiny):
+    json.dumps(tiny.info.to_dict())
+    assert tiny.info.family in tiny.info.summary() and EXPECTED[tiny.family][3] in tiny.info.summary()
+
+
+def test_switch_controller_layers_are_the_encoder_routers_then_the_decoder_routers(switch_tiny):
+    assert describe(switch_tiny).router_stacks == ("encoder", "encoder", "decoder", "decoder")
 
 
 # --------------------------------------------------------------------------- identity
@@ -178,7 +194,14 @@ def test_identity_is_bit_exact(tiny, mode):
         assert torch.count_nonzero(controller.pressure) == 0
     finally:
         attachment.remove()
-    for layer in range(tiny.info.num_layers):                                   # our hooks are gone
+
+
+def test_remove_takes_every_hook_off_and_restores_the_base_outputs(tiny):
+    controller = _controller(tiny.info, learnable=True)
+    with torch.no_grad():
+        controller.pressure_offset[:, 3] = 100.0
+    attach(tiny.model, controller).remove()
+    for layer in range(tiny.info.num_layers):
         assert all(getattr(hook, "__name__", "") != "router_hook" for hook in tiny.router(layer)._forward_hooks.values())
     assert torch.equal(_forward(tiny.model, tiny.inputs).logits, tiny.base.logits)
 
@@ -514,29 +537,50 @@ def test_generation_counts_only_real_tokens(name):
     assert torch.equal(controller.usage.sum(-1), expected)
 
 
-def test_inference_mode_positional_mask_and_base_model_calls():
+def _mixtral_usage_after(call) -> tuple[torch.Tensor, dict, object]:
+    """Per-layer usage totals after ``call(model, inputs)`` on a fresh attached mixtral-tiny (one step)."""
     model = build_toy("mixtral-tiny", seed=0)
     info = describe(model)
     inputs = _inputs(info.family)
     controller = _controller(info)
     attachment = attach(model, controller)
-    real = float(inputs["attention_mask"].sum())
-    expected = torch.full((info.num_layers,), real * info.top_k)
     try:
-        with torch.inference_mode():
-            model(inputs["input_ids"], inputs["attention_mask"])                 # mask passed positionally
+        call(model, inputs)
         controller.step()
-        assert torch.equal(controller.usage.sum(-1), expected)
-        with torch.no_grad():
-            model.model(**inputs)                                               # the base model, directly
-        controller.step()
-        assert torch.equal(controller.usage.sum(-1), 2 * expected)
-        with torch.no_grad():
-            model(input_ids=inputs["input_ids"])                                # no mask: every token counts
-        controller.step()
-        assert torch.equal(controller.usage.sum(-1), 2 * expected + inputs["input_ids"].numel() * info.top_k)
     finally:
         attachment.remove()
+    return controller.usage.sum(-1), inputs, info
+
+
+def _real_token_usage(inputs, info) -> torch.Tensor:
+    return torch.full((info.num_layers,), float(inputs["attention_mask"].sum()) * info.top_k)
+
+
+def test_a_positional_attention_mask_under_inference_mode_excludes_padding():
+    def call(model, inputs):
+        with torch.inference_mode():
+            model(inputs["input_ids"], inputs["attention_mask"])
+
+    usage, inputs, info = _mixtral_usage_after(call)
+    assert torch.equal(usage, _real_token_usage(inputs, info))
+
+
+def test_calling_the_backbone_directly_still_excludes_padding():
+    def call(model, inputs):
+        with torch.no_grad():
+            model.model(**inputs)
+
+    usage, inputs, info = _mixtral_usage_after(call)
+    assert torch.equal(usage, _real_token_usage(inputs, info))
+
+
+def test_a_forward_without_attention_mask_counts_every_token():
+    def call(model, inputs):
+        with torch.no_grad():
+            model(input_ids=inputs["input_ids"])
+
+    usage, inputs, info = _mixtral_usage_after(call)
+    assert torch.equal(usage, torch.full((info.num_layers,), float(inputs["input_ids"].numel() * info.top_k)))
 
 
 # ------------------------------------------------------------------------------ errors
@@ -561,60 +605,128 @@ def test_unsupported_moe_family_is_named_as_such():
     assert "mixtral" in str(error.value) and "switch_transformers" in str(error.value)
 
 
-def test_unexpected_router_layout_names_the_module_path():
+def test_an_unexpected_router_attribute_names_the_module_path():
     model = build_toy("mixtral-tiny", seed=0)
     model.model.layers[1].mlp.gate.top_k = None
     with pytest.raises(RouterLayoutError, match=r"'model\.layers\.1\.mlp\.gate'"):
         describe(model)
+
+
+def test_an_unexpected_router_submodule_names_the_module_path():
     switch = build_toy("switch-tiny", seed=0)
     switch.decoder.block[3].layer[2].mlp.router.classifier = torch.nn.Identity()
     with pytest.raises(RouterLayoutError, match=r"'decoder\.block\.3\.layer\.2\.mlp\.router'"):
         describe(switch)
 
 
-def test_attach_validates_the_controller_and_double_attachment():
+def test_attach_names_a_wrong_expert_count():
     model = build_toy("mixtral-tiny", seed=0)
     info = describe(model)
     with pytest.raises(WrapperError, match=r"num_experts=16 \(needs num_experts=8\)"):
         attach(model, PTController(info.num_layers, 16, info.top_k))
+
+
+def test_attach_names_every_shape_mismatch():
+    model = build_toy("mixtral-tiny", seed=0)
     with pytest.raises(WrapperError, match=r"num_layers=3 \(needs num_layers=2\).*top_k=1 \(needs top_k=2\)"):
-        attach(model, PTController(3, info.num_experts, 1))
-    attachment = attach(model, _controller(info))
+        attach(model, PTController(3, describe(model).num_experts, 1))
+
+
+def test_attaching_a_second_controller_to_an_attached_model_fails():
+    model = build_toy("mixtral-tiny", seed=0)
+    info = describe(model)
+    attach(model, _controller(info))
     with pytest.raises(WrapperError, match="already has a controller"):
         attach(model, _controller(info))
+
+
+def test_a_model_whose_attachment_was_removed_can_be_attached_again():
+    model = build_toy("mixtral-tiny", seed=0)
+    info = describe(model)
+    attach(model, _controller(info)).remove()
+    attach(model, _controller(info)).remove()
+
+
+def test_record_routing_cannot_be_nested():
+    model = build_toy("mixtral-tiny", seed=0)
+    attachment = attach(model, _controller(describe(model)))
     with attachment.record_routing(), pytest.raises(RuntimeError, match="already active"):
         with attachment.record_routing():
             pass
-    attachment.remove()
-    attach(model, _controller(info)).remove()                                   # attachable again
+
+
+def test_a_loss_free_controller_is_refused_on_phimoe():
     phimoe = build_toy("phimoe-tiny", seed=0)
     with pytest.raises(WrapperError, match="loss_free"):
         attach(phimoe, PTController(2, 8, 2, PTConfig(dynamics="loss_free")))
 
 
+def test_a_stacked_loss_free_controller_is_refused_on_phimoe():
+    phimoe = build_toy("phimoe-tiny", seed=0)
+    configs = [PTConfig(dynamics="loss_free", mode="off"), PTConfig(dynamics="loss_free", mode="pressure")]
+    with pytest.raises(WrapperError, match="loss_free"):
+        attach(phimoe, PTController(2, 8, 2, configs))
+
+
 # ------------------------------------------------------------------------------- toys
-def test_toy_presets():
+def test_the_research_and_tiny_presets_are_listed():
     assert {"mixtral-2l8e", "mixtral-4l16e", "switch-2l8e", "mixtral-tiny", "mixtral-tiny-16e",
             "switch-tiny"} <= set(list_presets())
+
+
+def test_an_unknown_preset_name_lists_the_known_ones():
     with pytest.raises(ValueError, match="unknown toy preset 'nope'.*mixtral-2l8e"):
         build_toy("nope")
+
+
+def test_mixtral_2l8e_has_the_reference_models_sizes():
     big = toy_config("mixtral-2l8e")
     assert (big.hidden_size, big.intermediate_size, big.num_attention_heads, big.num_key_value_heads,
             big.num_hidden_layers, big.num_local_experts, big.num_experts_per_tok, big.vocab_size) == \
         (256, 1024, 8, 4, 2, 8, 2, 1000)
+
+
+def test_mixtral_4l16e_has_four_layers_of_sixteen_experts_at_width_256():
     scaled = toy_config("mixtral-4l16e")
     assert (scaled.num_hidden_layers, scaled.num_local_experts, scaled.hidden_size) == (4, 16, 256)
+
+
+def test_switch_2l8e_has_eight_experts_in_every_second_block_of_each_stack():
     switch = toy_config("switch-2l8e")
     assert (switch.d_model, switch.num_experts, switch.encoder_sparse_step, switch.decoder_sparse_step) == (256, 8, 2, 2)
+
+
+def test_toy_config_overrides_replace_preset_values():
     assert toy_config("mixtral-tiny", num_local_experts=4).num_local_experts == 4
 
+
+def test_build_toy_leaves_the_global_rng_untouched():
     state = torch.random.get_rng_state()
-    first, again, other = (build_toy("mixtral-tiny", seed=s) for s in (0, 0, 1))
-    assert torch.equal(torch.random.get_rng_state(), state)                     # global RNG untouched
+    build_toy("mixtral-tiny", seed=0)
+    assert torch.equal(torch.random.get_rng_state(), state)
+
+
+def test_build_toy_with_the_same_seed_gives_the_same_weights():
+    first, again = (build_toy("mixtral-tiny", seed=0) for _ in range(2))
     assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), again.state_dict().values(), strict=True))
+
+
+def test_build_toy_with_another_seed_gives_other_weights():
+    first, other = (build_toy("mixtral-tiny", seed=s) for s in (0, 1))
     assert not torch.equal(first.model.layers[0].mlp.gate.weight, other.model.layers[0].mlp.gate.weight)
-    assert not first.training and first.config._attn_implementation == "eager"
-    assert first.config._experts_implementation == "grouped_mm"
+
+
+def test_toy_models_are_built_in_eval_mode():
+    assert not build_toy("mixtral-tiny", seed=0).training
+
+
+def test_toy_models_use_eager_attention_and_grouped_mm_experts():
+    config = build_toy("mixtral-tiny", seed=0).config
+    assert config._attn_implementation == "eager"
+    assert config._experts_implementation == "grouped_mm"
+
+
+def test_mixtral_tiny_16e_has_four_layers_of_sixteen_experts_top_2():
     sixteen = describe(build_toy("mixtral-tiny-16e"))
     assert (sixteen.num_layers, sixteen.num_experts, sixteen.top_k) == (4, 16, 2)
 
@@ -662,3 +774,143 @@ def test_activation_checkpointing_recompute_is_not_counted_twice():
     real = float(inputs["attention_mask"].sum())
     assert torch.equal(controller.usage.sum(-1), torch.full((info.num_layers,), real * info.top_k))
     assert float(controller.pressure_offset.grad.abs().sum()) > 0
+
+
+# ------------------------------------------------------------------ family registration
+def test_importing_the_wrappers_package_registers_all_nine_families():
+    assert supported_families() == sorted(["deepseek_v3", "gpt_oss", "granitemoe", "mixtral", "olmoe", "phimoe",
+                                           "qwen2_moe", "qwen3_moe", "switch_transformers"])
+
+
+def test_family_adapter_cannot_be_instantiated_without_route():
+    class NoRoute(FamilyAdapter):
+        family = "no_route"
+        router_classes = ("NoRouteRouter",)
+
+    with pytest.raises(TypeError, match="route"):
+        NoRoute()
+
+
+def test_a_family_registered_by_the_decorator_is_detected_by_its_router_class(monkeypatch):
+    """The extension point end to end: a new adapter class and router class, nothing else edited."""
+    monkeypatch.setattr(registry, "ADAPTERS", dict(registry.ADAPTERS))
+    model = build_toy("mixtral-tiny", seed=0)
+    inputs = _inputs("mixtral")
+    base = _forward(model, inputs)
+    for layer in model.model.layers:
+        layer.mlp.gate.__class__ = type("CustomTopKRouter", (type(layer.mlp.gate),), {})
+
+    @register_family
+    class CustomAdapter(mixtral.MixtralAdapter):
+        family = "custom"
+        router_classes = ("CustomTopKRouter",)
+
+    info = describe(model)
+    attach(model, _controller(info, mode="pt"))
+    assert (info.family, info.router_class) == ("custom", "CustomTopKRouter")
+    assert torch.equal(_forward(model, inputs).logits, base.logits)
+
+
+def test_register_family_refuses_a_router_class_another_family_handles(monkeypatch):
+    monkeypatch.setattr(registry, "ADAPTERS", dict(registry.ADAPTERS))
+
+    class Duplicate(mixtral.MixtralAdapter):
+        family = "duplicate"
+
+    with pytest.raises(WrapperError, match="'MixtralTopKRouter'.*already handled by the mixtral family"):
+        register_family(Duplicate)
+    assert "duplicate" not in registry.ADAPTERS
+
+
+def test_register_family_refuses_an_adapter_without_a_family_name(monkeypatch):
+    monkeypatch.setattr(registry, "ADAPTERS", dict(registry.ADAPTERS))
+
+    class Nameless(mixtral.MixtralAdapter):
+        family = ""
+
+    with pytest.raises(WrapperError, match="set the class attributes `family` and `router_classes`"):
+        register_family(Nameless)
+
+
+def test_an_unsupported_selection_bias_is_refused_by_the_shared_select():
+    model = build_toy("phimoe-tiny", seed=0)
+    router = model.get_submodule(describe(model).router_paths[0])
+    logits = torch.zeros(3, 8)
+    output = (logits, torch.zeros(3, 2), torch.zeros(3, 2, dtype=torch.long))
+    with pytest.raises(ValueError, match="phimoe family has no choice-only selection bias"):
+        registry.ADAPTERS["phimoe"].select(router, (), output, logits, torch.zeros(8))
+
+
+# ------------------------------------------------------------- choice-only biased top-k
+def test_topk_with_choice_bias_chooses_by_the_biased_scores_and_returns_the_unbiased_ones():
+    scores = torch.tensor([[0.5, 0.3, 0.2], [0.1, 0.6, 0.3]])
+    bias = torch.tensor([0.0, 0.0, 0.4])                       # lifts expert 2 above expert 1 / 0
+    values, indices = topk_with_choice_bias(scores, 1, bias)
+    assert indices.tolist() == [[2], [2]]
+    assert values.tolist() == [[scores[0, 2].item()], [scores[1, 2].item()]]
+
+
+def test_topk_with_choice_bias_without_a_bias_is_torch_topk():
+    scores = torch.randn(5, 8, generator=torch.Generator().manual_seed(0))
+    values, indices = topk_with_choice_bias(scores, 2)
+    expected = torch.topk(scores, 2, dim=-1)
+    assert torch.equal(values, expected.values) and torch.equal(indices, expected.indices)
+
+
+def test_topk_with_choice_bias_keeps_the_scores_dtype():
+    scores = torch.randn(4, 8, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    values, _ = topk_with_choice_bias(scores, 2, torch.zeros(8))
+    assert values.dtype == torch.bfloat16
+
+
+# ----------------------------------------------------------------------- stack subsets
+def test_describing_switch_decoder_only_gives_only_the_decoder_routers(switch_tiny):
+    info = describe(switch_tiny, stacks=("decoder",))
+    assert info.num_layers == 2
+    assert info.router_stacks == ("decoder", "decoder")
+    assert all(path.startswith("decoder.") for path in info.router_paths)
+
+
+def test_a_switch_decoder_only_controller_has_one_layer_per_decoder_router(switch_tiny, switch_tiny_inputs):
+    info = describe(switch_tiny, stacks=("decoder",))
+    controller = _controller(info, usage="cumulative")
+    attach(switch_tiny, controller, stacks=("decoder",))
+    _forward(switch_tiny, switch_tiny_inputs)
+    controller.step()
+    decoder_tokens = switch_tiny_inputs["decoder_input_ids"].numel()
+    assert torch.equal(controller.usage.sum(-1), torch.full((2,), float(decoder_tokens)))
+
+
+def test_switch_decoder_only_with_an_identity_controller_is_bit_exact(switch_tiny, switch_tiny_inputs):
+    base = _forward(switch_tiny, switch_tiny_inputs)
+    attach(switch_tiny, _controller(describe(switch_tiny, stacks=("decoder",)), mode="pt"), stacks=("decoder",))
+    assert torch.equal(_forward(switch_tiny, switch_tiny_inputs).logits, base.logits)
+
+
+def test_switch_encoder_routers_left_out_are_untouched_while_the_decoder_is_steered(switch_tiny, switch_tiny_inputs):
+    base = _forward(switch_tiny, switch_tiny_inputs)
+    controller = _controller(describe(switch_tiny, stacks=("decoder",)), learnable=True)
+    with torch.no_grad():
+        controller.pressure_offset[:, 3] = 100.0
+    attach(switch_tiny, controller, stacks=("decoder",))
+    out = _forward(switch_tiny, switch_tiny_inputs)
+    for ours, hf in zip(out.encoder_router_logits, base.encoder_router_logits, strict=True):
+        assert torch.equal(ours, hf)
+    for ours in out.decoder_router_logits:
+        assert bool((ours.argmax(-1) == 3).all())
+
+
+def test_an_unknown_stack_raises_a_one_line_value_error_naming_stacks_and_the_valid_values(switch_tiny):
+    with pytest.raises(ValueError, match=r"stacks=\('decocer',\).*valid values: 'encoder', 'decoder'") as error:
+        describe(switch_tiny, stacks=("decocer",))
+    assert "\n" not in str(error.value)
+
+
+def test_a_bare_string_for_stacks_is_refused(switch_tiny):
+    with pytest.raises(ValueError, match="stacks='decoder' is not a non-empty sequence"):
+        describe(switch_tiny, stacks="decoder")
+
+
+def test_a_decoder_only_model_has_only_the_decoder_stack():
+    with pytest.raises(ValueError, match="valid values: 'decoder'"):
+        describe(build_toy("mixtral-tiny", seed=0), stacks=("encoder",))

@@ -29,6 +29,7 @@ Rules every hook here keeps:
 
 from __future__ import annotations
 
+import abc
 import inspect
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -101,12 +102,15 @@ class Routing:
 
 
 # ------------------------------------------------------------------- family adapters
-class FamilyAdapter:
-    """How one model family's routers are found and how their selection is re-run.
+class FamilyAdapter(abc.ABC):
+    """How one model family's routers are found and how their selection is re-run: the extension point.
 
-    A family module subclasses this and sets the class attributes; see ``mixtral.py`` for the
-    plainest one. ``router_logits``, ``hf_routing`` and ``select`` must reproduce the family's
-    HF forward exactly (bit-identical at z == logits), including dtypes.
+    A family module subclasses this, sets the class attributes, implements :meth:`route` (the
+    family's selection on the modulated logits) and registers the class with
+    :func:`~chronovisor.wrappers.registry.register_family`; see ``mixtral.py`` for the plainest one.
+    ``router_logits``, ``hf_routing`` and ``route`` must reproduce the family's HF forward exactly
+    (bit-identical at z == logits), including dtypes. The other methods have defaults that fit
+    HF's ``*TopKRouter`` layout ``(router_logits [tokens, E], weights [tokens, k], indices [tokens, k])``.
     """
 
     family: str = ""
@@ -118,18 +122,23 @@ class FamilyAdapter:
     output_len: int = 3
     #: one line: what the family does with the logits (for ``describe`` / ``chronovisor inspect``).
     selection_rule: str = ""
-    #: whether ``select`` honours a choice-only ``selection_bias`` (the ``loss_free`` comparator).
+    #: whether ``route`` honours a choice-only ``selection_bias`` (the ``loss_free`` comparator).
     supports_selection_bias: bool = True
 
     # -- discovery --------------------------------------------------------------------------
-    def find_routers(self, model: nn.Module) -> list[RouterSite]:
-        """Every router of this family in ``model``, in forward order (module registration order)."""
-        source = base_model_path(model)
-        sites: list[RouterSite] = []
-        for path, module in model.named_modules():
-            if type(module).__name__ in self.router_classes:
-                sites.append(RouterSite(layer=len(sites), path=path, module=module, mask_source=source))
-        return sites
+    def router_sites(self, model: nn.Module, routers: list[tuple[str, nn.Module]], mask_source: str
+                     ) -> list[RouterSite]:
+        """The controller's routers, in forward order, from this family's router modules.
+
+        Args:
+            model: the model being wrapped.
+            routers: ``(path, module)`` of every router of this family, in module registration order.
+            mask_source: path of HF's base model inside ``model`` (``"model"`` in ``*ForCausalLM``,
+                ``""`` when ``model`` is the base model): its forward receives the padding
+                ``attention_mask`` whichever way the caller enters (task head, ``generate``, base model).
+        """
+        return [RouterSite(layer=layer, path=path, module=module, mask_source=mask_source)
+                for layer, (path, module) in enumerate(routers)]
 
     def router_shape(self, site: RouterSite) -> tuple[int, int]:
         """``(num_experts, top_k)`` of one router; raises :class:`RouterLayoutError` if unreadable."""
@@ -151,26 +160,60 @@ class FamilyAdapter:
 
     def select(self, module: nn.Module, args: tuple, output: tuple, z: torch.Tensor,
                selection_bias: torch.Tensor | None) -> Routing:
-        """Re-run the family's exact selection with ``z [tokens, E]`` in place of the logits.
+        """Re-run the family's exact selection with ``z`` in place of the router logits.
 
-        ``selection_bias`` (``loss_free`` only, already on z's device) is ``[E]``, or ``[tokens, E]``
-        for a stacked controller; it changes the choice only, never the weights.
+        The shared part of every family: refuse a selection bias the family cannot honour, cast
+        ``z`` to the dtype of HF's logits (the modulated logits stand in for HF's), then
+        :meth:`route`.
+
+        Args:
+            module: the router module (read only for plain attributes such as ``top_k``).
+            args: the router's positional inputs.
+            output: the router's unmodified output tuple.
+            z: ``[tokens, E]`` float32 modulated logits, on the logits' device.
+            selection_bias: ``loss_free`` only, already on z's device: ``[E]``, or ``[tokens, E]``
+                for a stacked controller; it changes the choice only, never the weights.
         """
-        raise NotImplementedError
+        if selection_bias is not None and not self.supports_selection_bias:
+            raise ValueError(f"the {self.family} family has no choice-only selection bias ({self.selection_rule}): "
+                             f"the loss_free dynamics is not supported; use another dynamics")
+        z = z.to(self.router_logits(output).dtype)                                # [tokens, E]
+        return self.route(module, args, output, z, selection_bias)
+
+    @abc.abstractmethod
+    def route(self, module: nn.Module, args: tuple, output: tuple, z: torch.Tensor,
+              selection_bias: torch.Tensor | None) -> Routing:
+        """The family's selection on ``z [tokens, E]`` (already in the logits' dtype).
+
+        Returns the :class:`Routing`, whose ``output`` is laid out exactly as the router's
+        (:meth:`topk_routing` builds the common ``*TopKRouter`` layout). Arguments as in :meth:`select`.
+        """
+
+    @staticmethod
+    def topk_routing(z: torch.Tensor, weights: torch.Tensor, expert_index: torch.Tensor) -> Routing:
+        """The ``*TopKRouter`` layout: output ``(z [tokens, E], weights [tokens, k], expert_index [tokens, k])``."""
+        return Routing((z, weights, expert_index), expert_index, weights)
 
 
-def base_model_path(model: nn.Module) -> str:
-    """Path of HF's base model inside ``model`` (``"model"`` for ``*ForCausalLM``; ``""`` if none).
+def topk_with_choice_bias(scores: torch.Tensor, top_k: int, selection_bias: torch.Tensor | None = None
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``torch.topk`` over the experts, where a selection bias changes the choice but not the values.
 
-    The base model's forward receives the padding ``attention_mask`` whichever way the caller
-    enters (the task head, ``generate``, or the base model directly).
+    Args:
+        scores: ``[tokens, E]`` the scores the family ranks (probabilities or logits).
+        top_k: experts per token.
+        selection_bias: None, or ``[E]`` / ``[tokens, E]`` float32 on the scores' device. The
+            choice is then the top-k of ``scores.float() + selection_bias``.
+
+    Returns:
+        ``(values [tokens, k], indices [tokens, k] int64)``: the *unbiased* scores of the chosen
+        experts, in the scores' dtype, and their ids.
     """
-    base = getattr(model, "base_model", model)
-    if isinstance(base, nn.Module) and base is not model:
-        for path, module in model.named_modules():
-            if module is base:
-                return path
-    return ""
+    if selection_bias is None:
+        values, indices = torch.topk(scores, top_k, dim=-1)
+        return values, indices
+    _, indices = torch.topk(scores.float() + selection_bias, top_k, dim=-1)
+    return scores.gather(-1, indices), indices
 
 
 def int_attr(adapter: FamilyAdapter, site: RouterSite, name: str, minimum: int = 1) -> int:
@@ -179,6 +222,17 @@ def int_attr(adapter: FamilyAdapter, site: RouterSite, name: str, minimum: int =
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise layout_error(adapter, site, f"attribute {name!r} should be an integer >= {minimum}, got {value!r}")
     return value
+
+
+def require_attr(adapter: FamilyAdapter, site: RouterSite, name: str, types: type | tuple[type, ...],
+                 kind: str) -> None:
+    """Raise :class:`RouterLayoutError` unless the router's attribute ``name`` is an instance of ``types``.
+
+    Args:
+        kind: how the message words ``types`` (e.g. ``"a bool"``, ``"a number"``).
+    """
+    if not isinstance(getattr(site.module, name, None), types):
+        raise layout_error(adapter, site, f"attribute {name!r} should be {kind}")
 
 
 def layout_error(adapter: FamilyAdapter, site: RouterSite, problem: str) -> RouterLayoutError:
@@ -277,11 +331,6 @@ class RoutingRecorder:
             result["weights"] = [torch.cat(w).cpu() if w else torch.empty(0, 0) for w in self.weights]
         return result
 
-    def clear(self) -> None:
-        for lists in (self.expert_index, self.weights, self.token_mask, self.dispatched):
-            for calls in lists:
-                calls.clear()
-
 
 # ------------------------------------------------------------------------ attachment
 class Attachment:
@@ -297,7 +346,7 @@ class Attachment:
     Inside :meth:`disabled` the hooks hand HF's output through untouched (bit-exact base model),
     the controller observes nothing, and an active recorder still records HF's own routing, so
     paired on/off evaluation measures both arms the same way. The controller's ``step()`` is the
-    caller's job (one tick per forward, or per turn).
+    caller's job (once per forward, or per turn).
     """
 
     def __init__(self, model: nn.Module, controller: PTController, adapter: FamilyAdapter,
@@ -326,10 +375,6 @@ class Attachment:
     def enabled(self) -> bool:
         """False: hooks pass HF's routing through unchanged and the controller observes nothing."""
         return self._enabled
-
-    @enabled.setter
-    def enabled(self, value: bool) -> None:
-        self._enabled = bool(value)
 
     @contextmanager
     def disabled(self) -> Iterator[Attachment]:

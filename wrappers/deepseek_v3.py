@@ -30,7 +30,15 @@ from __future__ import annotations
 
 import torch
 
-from chronovisor.wrappers.base import FamilyAdapter, Routing, int_attr, layout_error, module_tensor
+from chronovisor.wrappers.base import (
+    FamilyAdapter,
+    Routing,
+    int_attr,
+    layout_error,
+    module_tensor,
+    require_attr,
+)
+from chronovisor.wrappers.registry import register_family
 
 
 def select_experts(router_logits: torch.Tensor, *, top_k: int, num_group: int, topk_group: int,
@@ -71,6 +79,7 @@ def select_experts(router_logits: torch.Tensor, *, top_k: int, num_group: int, t
     return topk_weights, topk_indices
 
 
+@register_family
 class DeepseekV3Adapter(FamilyAdapter):
     family = "deepseek_v3"
     model_types = ("deepseek_v3",)
@@ -80,23 +89,18 @@ class DeepseekV3Adapter(FamilyAdapter):
 
     def router_shape(self, site):
         num_experts, top_k = super().router_shape(site)
-        module = site.module
         num_group, topk_group = int_attr(self, site, "num_group"), int_attr(self, site, "topk_group")
         if num_experts % num_group or topk_group > num_group or num_experts // num_group < 2:
             raise layout_error(self, site, f"{num_experts} experts cannot form {num_group} groups of >= 2 "
                                            f"with topk_group={topk_group}")
-        if not isinstance(getattr(module, "norm_topk_prob", None), bool):
-            raise layout_error(self, site, "attribute 'norm_topk_prob' should be a bool")
-        if not isinstance(getattr(module, "routed_scaling_factor", None), (int, float)):
-            raise layout_error(self, site, "attribute 'routed_scaling_factor' should be a number")
-        bias = getattr(module, "e_score_correction_bias", None)
+        require_attr(self, site, "norm_topk_prob", bool, "a bool")
+        require_attr(self, site, "routed_scaling_factor", (int, float), "a number")
+        bias = getattr(site.module, "e_score_correction_bias", None)
         if not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (num_experts,):
             raise layout_error(self, site, f"buffer 'e_score_correction_bias' should have shape [{num_experts}]")
         return num_experts, top_k
 
-    def select(self, module, args, output, z, selection_bias):
-        router_logits = output[0]                                                # [tokens, E] fp32
-        z = z.to(router_logits.dtype)
+    def route(self, module, args, output, z, selection_bias) -> Routing:
         correction = module_tensor(module, "e_score_correction_bias").to(z.device)      # [E]
         topk_weights, topk_indices = select_experts(
             z,
@@ -108,10 +112,8 @@ class DeepseekV3Adapter(FamilyAdapter):
             e_score_correction_bias=correction,
             selection_bias=selection_bias,
         )
-        return Routing((z, topk_weights, topk_indices), topk_indices, topk_weights)
+        return self.topk_routing(z, topk_weights, topk_indices)
 
     def constant_single_weight(self, module):
         return bool(module.norm_topk_prob)
 
-
-ADAPTER = DeepseekV3Adapter()

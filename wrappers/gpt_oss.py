@@ -19,7 +19,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from chronovisor.wrappers.base import FamilyAdapter, Routing
+from chronovisor.wrappers.base import FamilyAdapter, Routing, topk_with_choice_bias
+from chronovisor.wrappers.registry import register_family
 
 
 def select_experts(router_logits: torch.Tensor, top_k: int,
@@ -30,26 +31,18 @@ def select_experts(router_logits: torch.Tensor, top_k: int,
     A ``selection_bias`` ([E] or [tokens, E]) is added (in fp32) to the logits for the choice only;
     the softmax runs over the unbiased logits of the chosen experts.
     """
-    if selection_bias is None:
-        router_top_value, router_indices = torch.topk(router_logits, top_k, dim=-1)      # [tokens, k]
-    else:
-        _, router_indices = torch.topk(router_logits.float() + selection_bias, top_k, dim=-1)
-        router_top_value = router_logits.gather(-1, router_indices)
+    router_top_value, router_indices = topk_with_choice_bias(router_logits, top_k, selection_bias)  # [tokens, k]
     router_scores = F.softmax(router_top_value, dim=1, dtype=router_top_value.dtype)
     return router_scores, router_indices
 
 
+@register_family
 class GptOssAdapter(FamilyAdapter):
     family = "gpt_oss"
     model_types = ("gpt_oss",)
     router_classes = ("GptOssTopKRouter",)
     selection_rule = "top-k on logits -> softmax over the k (logits dtype)"
 
-    def select(self, module, args, output, z, selection_bias):
-        router_logits = output[0]                                                # [tokens, E]
-        z = z.to(router_logits.dtype)
-        router_scores, router_indices = select_experts(z, module.top_k, selection_bias)
-        return Routing((z, router_scores, router_indices), router_indices, router_scores)
-
-
-ADAPTER = GptOssAdapter()
+    def route(self, module, args, output, z, selection_bias) -> Routing:
+        router_scores, router_indices = select_experts(z, module.top_k, selection_bias)    # [tokens, k] each
+        return self.topk_routing(z, router_scores, router_indices)

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import torch
 
-from chronovisor.wrappers.base import FamilyAdapter, Routing
+from chronovisor.wrappers.base import FamilyAdapter, Routing, topk_with_choice_bias
+from chronovisor.wrappers.registry import register_family
 
 
 def select_experts(router_logits: torch.Tensor, top_k: int, weights_dtype: torch.dtype,
@@ -26,27 +27,20 @@ def select_experts(router_logits: torch.Tensor, top_k: int, weights_dtype: torch
     ``weights_dtype`` is the dtype of the router's input (HF's ``.type_as(hidden_states)``).
     A ``selection_bias`` ([E] or [tokens, E]) is added to the logits for the choice only.
     """
-    if selection_bias is None:
-        top_k_logits, top_k_index = router_logits.topk(top_k, dim=-1)                # [tokens, k]
-    else:
-        _, top_k_index = (router_logits + selection_bias).topk(top_k, dim=-1)
-        top_k_logits = router_logits.gather(-1, top_k_index)
+    top_k_logits, top_k_index = topk_with_choice_bias(router_logits, top_k, selection_bias)   # [tokens, k]
     top_k_weights = torch.softmax(top_k_logits, dim=-1).to(weights_dtype)
     return top_k_weights, top_k_index
 
 
+@register_family
 class GraniteMoeAdapter(FamilyAdapter):
     family = "granitemoe"
     model_types = ("granitemoe",)
     router_classes = ("GraniteMoeTopKRouter",)
     selection_rule = "fp32 logits -> top-k -> softmax over the k -> input dtype"
 
-    def select(self, module, args, output, z, selection_bias):
-        router_logits, hf_weights = output[0], output[1]                         # [tokens, E] fp32, [tokens, k]
-        z = z.to(router_logits.dtype)
+    def route(self, module, args, output, z, selection_bias) -> Routing:
+        hf_weights = output[1]                                                   # [tokens, k]
         # HF's weights are already `.type_as(hidden_states)`: their dtype is the input's.
         top_k_weights, top_k_index = select_experts(z, module.top_k, hf_weights.dtype, selection_bias)
-        return Routing((z, top_k_weights, top_k_index), top_k_index, top_k_weights)
-
-
-ADAPTER = GraniteMoeAdapter()
+        return self.topk_routing(z, top_k_weights, top_k_index)

@@ -15,7 +15,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from chronovisor.wrappers.base import FamilyAdapter, Routing
+from chronovisor.wrappers.base import FamilyAdapter, Routing, topk_with_choice_bias
+from chronovisor.wrappers.registry import register_family
 
 
 def select_experts(router_logits: torch.Tensor, top_k: int,
@@ -27,26 +28,18 @@ def select_experts(router_logits: torch.Tensor, top_k: int,
     ``probs + bias`` and the weights are the unbiased probabilities of the chosen experts, renormalised.
     """
     router_probs = F.softmax(router_logits.float(), dim=-1)                     # [tokens, E] fp32
-    if selection_bias is None:
-        router_top_value, router_indices = torch.topk(router_probs, top_k, dim=-1)
-    else:
-        _, router_indices = torch.topk(router_probs + selection_bias, top_k, dim=-1)
-        router_top_value = router_probs.gather(-1, router_indices)
+    router_top_value, router_indices = topk_with_choice_bias(router_probs, top_k, selection_bias)  # [tokens, k]
     router_top_value /= router_top_value.sum(dim=-1, keepdim=True)
     return router_top_value, router_indices
 
 
+@register_family
 class MixtralAdapter(FamilyAdapter):
     family = "mixtral"
     model_types = ("mixtral",)
     router_classes = ("MixtralTopKRouter",)
     selection_rule = "softmax(fp32) -> top-k -> renormalise"
 
-    def select(self, module, args, output, z, selection_bias):
-        router_logits = output[0]                                                # [tokens, E]
-        z = z.to(router_logits.dtype)          # the modulated logits stand in for HF's, same dtype
-        router_scores, router_indices = select_experts(z, module.top_k, selection_bias)
-        return Routing((z, router_scores, router_indices), router_indices, router_scores)
-
-
-ADAPTER = MixtralAdapter()
+    def route(self, module, args, output, z, selection_bias) -> Routing:
+        router_scores, router_indices = select_experts(z, module.top_k, selection_bias)    # [tokens, k] each
+        return self.topk_routing(z, router_scores, router_indices)

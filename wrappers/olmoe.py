@@ -13,12 +13,12 @@ forward is line-for-line the one of ``Qwen2MoeTopKRouter`` (``modeling_olmoe.py`
 from __future__ import annotations
 
 from chronovisor.wrappers.qwen2_moe import Qwen2MoeAdapter
+from chronovisor.wrappers.registry import register_family
 
 
+@register_family
 class OlmoeAdapter(Qwen2MoeAdapter):
     family = "olmoe"
     model_types = ("olmoe",)
     router_classes = ("OlmoeTopKRouter",)
 
-
-ADAPTER = OlmoeAdapter()

@@ -24,9 +24,11 @@ advances twice per router call). There is no choice-only variant of sparsemixer,
 
 from __future__ import annotations
 
-from chronovisor.wrappers.base import FamilyAdapter, Routing, int_attr, layout_error
+from chronovisor.wrappers.base import FamilyAdapter, Routing, int_attr, layout_error, require_attr
+from chronovisor.wrappers.registry import register_family
 
 
+@register_family
 class PhimoeAdapter(FamilyAdapter):
     family = "phimoe"
     model_types = ("phimoe",)
@@ -40,24 +42,17 @@ class PhimoeAdapter(FamilyAdapter):
         int_attr(self, site, "top_k")
         if getattr(site.module, "out_features", None) != num_experts:
             raise layout_error(self, site, f"out_features should equal num_experts={num_experts}")
-        if not isinstance(getattr(site.module, "router_jitter_noise", None), (int, float)):
-            raise layout_error(self, site, "attribute 'router_jitter_noise' should be a number")
+        require_attr(self, site, "router_jitter_noise", (int, float), "a number")
         return num_experts, 2                                   # sparsemixer always selects two
 
-    def select(self, module, args, output, z, selection_bias):
+    def route(self, module, args, output, z, selection_bias) -> Routing:
         from transformers.models.phimoe.modeling_phimoe import sparsemixer
 
-        if selection_bias is not None:
-            raise ValueError("PhiMoE's sparsemixer has no choice-only bias: the loss_free dynamics is not supported")
-        router_logits = output[0]                                                # [tokens, E]
-        z = z.to(router_logits.dtype)
         routing_weights, selected_experts = sparsemixer(
             z, jitter_eps=module.router_jitter_noise, training=module.training, top_k=module.top_k
         )                                                                        # [tokens, 2] each
-        return Routing((z, routing_weights, selected_experts), selected_experts, routing_weights)
+        return self.topk_routing(z, routing_weights, selected_experts)
 
     def constant_single_weight(self, module):
         return False                      # sparsemixer always mixes two experts
 
-
-ADAPTER = PhimoeAdapter()

@@ -21,7 +21,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from chronovisor.wrappers.base import FamilyAdapter, Routing, layout_error
+from chronovisor.wrappers.base import FamilyAdapter, Routing, require_attr, topk_with_choice_bias
+from chronovisor.wrappers.registry import register_family
 
 
 def select_experts(router_logits: torch.Tensor, top_k: int, norm_topk_prob: bool,
@@ -32,17 +33,14 @@ def select_experts(router_logits: torch.Tensor, top_k: int, norm_topk_prob: bool
     A ``selection_bias`` ([E] or [tokens, E]) is added to the fp32 probabilities for the choice only.
     """
     router_probs = F.softmax(router_logits, dtype=torch.float, dim=-1)         # [tokens, E] fp32
-    if selection_bias is None:
-        router_top_value, router_indices = torch.topk(router_probs, top_k, dim=-1)
-    else:
-        _, router_indices = torch.topk(router_probs + selection_bias, top_k, dim=-1)
-        router_top_value = router_probs.gather(-1, router_indices)
+    router_top_value, router_indices = topk_with_choice_bias(router_probs, top_k, selection_bias)  # [tokens, k]
     if norm_topk_prob:
         router_top_value /= router_top_value.sum(dim=-1, keepdim=True)
     router_top_value = router_top_value.to(router_logits.dtype)
     return router_top_value, router_indices
 
 
+@register_family
 class Qwen2MoeAdapter(FamilyAdapter):
     family = "qwen2_moe"
     model_types = ("qwen2_moe",)
@@ -50,18 +48,13 @@ class Qwen2MoeAdapter(FamilyAdapter):
     selection_rule = "softmax(fp32) -> top-k -> renormalise if norm_topk_prob -> cast to logits dtype"
 
     def router_shape(self, site):
-        if not isinstance(getattr(site.module, "norm_topk_prob", None), bool):
-            raise layout_error(self, site, "attribute 'norm_topk_prob' should be a bool")
+        require_attr(self, site, "norm_topk_prob", bool, "a bool")
         return super().router_shape(site)
 
-    def select(self, module, args, output, z, selection_bias):
-        router_logits = output[0]                                                # [tokens, E]
-        z = z.to(router_logits.dtype)
+    def route(self, module, args, output, z, selection_bias) -> Routing:
         router_scores, router_indices = select_experts(z, module.top_k, module.norm_topk_prob, selection_bias)
-        return Routing((z, router_scores, router_indices), router_indices, router_scores)
+        return self.topk_routing(z, router_scores, router_indices)
 
     def constant_single_weight(self, module):
         return bool(module.norm_topk_prob)
 
-
-ADAPTER = Qwen2MoeAdapter()

@@ -14,12 +14,12 @@ line-for-line the one of ``Qwen2MoeTopKRouter`` (``modeling_qwen3_moe.py``)::
 from __future__ import annotations
 
 from chronovisor.wrappers.qwen2_moe import Qwen2MoeAdapter
+from chronovisor.wrappers.registry import register_family
 
 
+@register_family
 class Qwen3MoeAdapter(Qwen2MoeAdapter):
     family = "qwen3_moe"
     model_types = ("qwen3_moe",)
     router_classes = ("Qwen3MoeTopKRouter",)
 
-
-ADAPTER = Qwen3MoeAdapter()

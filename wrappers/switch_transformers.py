@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from chronovisor.wrappers.base import FamilyAdapter, RouterSite, Routing, int_attr, layout_error
+from chronovisor.wrappers.registry import register_family
 
 
 def select_experts(router_logits: torch.Tensor, *, expert_capacity: int, router_dtype: torch.dtype,
@@ -70,6 +71,7 @@ def select_experts(router_logits: torch.Tensor, *, expert_capacity: int, router_
     return expert_index, router_probs, chosen
 
 
+@register_family
 class SwitchTransformersAdapter(FamilyAdapter):
     family = "switch_transformers"
     model_types = ("switch_transformers",)
@@ -77,16 +79,13 @@ class SwitchTransformersAdapter(FamilyAdapter):
     selection_rule = ("softmax(router_dtype) -> argmax (top-1) -> per-sequence expert capacity mask; "
                       "weight = top probability (no renormalisation)")
 
-    def find_routers(self, model: nn.Module) -> list[RouterSite]:
-        # Which stack a router belongs to: the SwitchTransformersStack whose path prefixes it.
-        stacks = {path: bool(getattr(module, "is_decoder", False)) for path, module in model.named_modules()
-                  if type(module).__name__ == "SwitchTransformersStack"}
+    def router_sites(self, model, routers, mask_source) -> list[RouterSite]:
+        """Encoder routers first, then decoder routers (each in block order); the mask source of a
+        router is its ``SwitchTransformersStack``, the innermost one whose path prefixes it."""
         found = []
-        for path, module in model.named_modules():
-            if type(module).__name__ in self.router_classes:
-                owners = [p for p in stacks if p == "" or path.startswith(p + ".")]
-                stack_path = max(owners, key=len) if owners else ""
-                found.append((stacks.get(stack_path, False), path, module, stack_path))
+        for path, module in routers:
+            stack_path, is_decoder = _owning_stack(model, path)
+            found.append((is_decoder, path, module, stack_path))
         found.sort(key=lambda item: item[0])          # stable: encoder routers first, then decoder
         return [RouterSite(layer=i, path=path, module=module,
                            stack="decoder" if is_decoder else "encoder",
@@ -117,9 +116,9 @@ class SwitchTransformersAdapter(FamilyAdapter):
         dispatched = expert_index.reshape(-1, num_experts).sum(dim=-1, keepdim=True) > 0
         return Routing(output, chosen, router_probs.reshape(-1, 1), dispatched)
 
-    def select(self, module, args, output, z, selection_bias):
+    def route(self, module, args, output, z, selection_bias) -> Routing:
         hf_expert_index, hf_router_probs, router_logits = output
-        z = z.to(router_logits.dtype).reshape(router_logits.shape)               # [B, S, E]
+        z = z.reshape(router_logits.shape)                                       # [B, S, E]
         expert_index, router_probs, chosen = select_experts(
             z,
             expert_capacity=module.expert_capacity,
@@ -136,4 +135,13 @@ class SwitchTransformersAdapter(FamilyAdapter):
         return False                      # the weight is the top softmax probability, not renormalised
 
 
-ADAPTER = SwitchTransformersAdapter()
+def _owning_stack(model: nn.Module, path: str) -> tuple[str, bool]:
+    """``(path, is_decoder)`` of the innermost ``SwitchTransformersStack`` that contains ``path``
+    (``("", False)`` when none does)."""
+    parts = path.split(".")
+    for length in range(len(parts) - 1, -1, -1):
+        prefix = ".".join(parts[:length])
+        module = model.get_submodule(prefix) if prefix else model
+        if type(module).__name__ == "SwitchTransformersStack":
+            return prefix, bool(getattr(module, "is_decoder", False))
+    return "", False

@@ -3,7 +3,7 @@
     model = build_toy("mixtral-2l8e", seed=0)             # MixtralForCausalLM, eval mode, on the CPU
     model = build_toy("switch-tiny", seed=1, expert_capacity=4)   # overrides go to the config
 
-The research presets follow the seed note's sizes (hidden 256, vocab 1000):
+The research presets (hidden 256, vocab 1000):
 
 * ``mixtral-2l8e``: 2 layers, 8 experts, top-2, FFN 1024, 8 heads / 4 KV heads, tied LM head (~13M
   parameters, like the reference model).
