@@ -25,3 +25,12 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+# ---------------------------------------------------------------------------- evaluation (eval/)
+#: A small synthetic world with real phase structure: 7 turns of 4-8 tokens, vocabulary 64 (the
+#: ConversationConfig fields of every eval test's data). Test modules build their module-level
+#: specs from it: ``from conftest import TINY_WORLD``.
+TINY_WORLD = dict(vocab_size=64, phase_vocab_size=12, topic_vocab_size=8, min_turn_length=4, max_turn_length=8,
+                  min_length=32, max_length=56)
+

@@ -5,25 +5,18 @@ import json
 
 import pytest
 import torch
+from conftest import TINY_WORLD
 
 from chronovisor.controllers import PTConfig
 from chronovisor.eval import data as data_lib
-from chronovisor.eval.protocols import (
-    BASES_DIR,
-    CellSpec,
-    DataSpec,
-    EvalSpec,
-    TrainSpec,
-    model_inputs,
-    run_cell,
-    training_schedule,
-    variant_config,
-)
+from chronovisor.eval.config import parse_config
+from chronovisor.eval.errors import ConfigError
+from chronovisor.eval.inputs import model_inputs, state_hash, training_schedule
+from chronovisor.eval.protocols import run_cell
+from chronovisor.eval.rundir import BASES_DIR
+from chronovisor.eval.specs import CellSpec, DataSpec, EvalSpec, TrainSpec, variant_config
 from chronovisor.wrappers import build_toy
 
-# A small world with real phase structure: 7 turns of 4-8 tokens, vocabulary 64.
-TINY_WORLD = dict(vocab_size=64, phase_vocab_size=12, topic_vocab_size=8, min_turn_length=4, max_turn_length=8,
-                  min_length=32, max_length=56)
 DATA = DataSpec(num_train=4, num_heldout=3, num_warmup=6, generator=TINY_WORLD)
 TRAIN = TrainSpec(steps=6, lr=1e-2, pretrain_steps=6)
 EVAL = EvalSpec(null_permutations=10, trajectory_every=1)
@@ -57,11 +50,17 @@ def test_cell_id_ignores_settings_the_protocol_never_reads():
     assert used.cell_id != base.cell_id
 
 
-def test_cell_spec_rejects_inconsistent_arms():
+def test_a_controller_only_cell_needs_a_learnable_pt_config():
     with pytest.raises(ValueError, match="learnable=True"):
         CellSpec("controller_only", "mixtral-tiny", 0, PTConfig(seed=0), DATA, TRAIN, EVAL)
+
+
+def test_the_controller_seed_must_equal_the_cell_seed():
     with pytest.raises(ValueError, match="seed"):
         CellSpec("joint", "mixtral-tiny", 0, PTConfig(seed=3), DATA, TRAIN, EVAL)
+
+
+def test_an_unknown_protocol_is_refused():
     with pytest.raises(ValueError, match="protocol"):
         CellSpec("streaming", "mixtral-tiny", 0, None, DATA, TRAIN, EVAL)
 
@@ -118,29 +117,29 @@ def test_switch_encoder_sees_a_single_pad_token():
 def test_arms_start_from_the_same_weights_and_see_the_same_data(protocol, tmp_path):
     on = run_cell(cell(protocol, eta=0.03, pressure_scale=1.0), tmp_path).record
     off = run_cell(cell(protocol, mode="off"), tmp_path).record
-    assert on["paired_off_cell"] == off["cell_id"]
-    assert on["pairing"] == off["pairing"]
-    assert on["pairing"]["data_hash"] is not None
+    assert on.paired_off_cell == off.cell_id
+    assert on.pairing == off.pairing
+    assert on.pairing.data_hash is not None
     other_seed = run_cell(cell(protocol, seed=1, mode="off"), tmp_path).record
-    assert other_seed["pairing"]["init_hash"] != off["pairing"]["init_hash"]
+    assert other_seed.pairing.init_hash != off.pairing.init_hash
     # Identical held-out tokens, hence token-by-token comparable routing.
-    assert on["heldout"]["tokens"] == off["heldout"]["tokens"]
-    assert on["loss_floor"] == off["loss_floor"]
-    assert on["loss_floor"]["bayes"] < on["loss_floor"]["uniform"]
-    assert on["fields"]["ticks"] > 0 and off["fields"] is None
+    assert on.heldout.tokens == off.heldout.tokens
+    assert on.loss_floor == off.loss_floor
+    assert on.loss_floor["bayes"] < on.loss_floor["uniform"]
+    assert on.fields.ticks > 0 and off.fields is None
 
 
 def test_joint_trains_and_evaluates_on_held_out_data(tmp_path):
     result = run_cell(cell("joint"), tmp_path)
     record = result.record
-    assert record["train"]["steps"] == TRAIN.steps and "in-sample" in record["train"]["note"]
-    assert record["fields"]["ticks"] == TRAIN.steps
-    assert len(record["fields"]["trajectory"]["tick"]) == TRAIN.steps  # trajectory_every=1
-    layers = record["heldout"]["layers"]
-    assert [layer["layer"] for layer in layers] == list(result.routing)
-    assert all(ids.shape == (record["heldout"]["tokens"] + DATA.num_heldout, 2) for ids in result.routing.values())
+    assert record.train.steps == TRAIN.steps and "in-sample" in record.train.note
+    assert record.fields.ticks == TRAIN.steps
+    assert len(record.fields.trajectory["tick"]) == TRAIN.steps  # trajectory_every=1
+    layers = record.heldout.layers
+    assert [layer.layer for layer in layers] == list(result.routing)
+    assert all(ids.shape == (record.heldout.tokens + DATA.num_heldout, 2) for ids in result.routing.values())
     for layer in layers:
-        assert layer["excess_separation"] == pytest.approx(layer["separation"] - layer["null_mean"])
+        assert layer.excess_separation == pytest.approx(layer.separation - layer.null_mean)
 
 
 def test_frozen_base_is_pretrained_once_and_reused(tmp_path):
@@ -149,23 +148,21 @@ def test_frozen_base_is_pretrained_once_and_reused(tmp_path):
     bases = list((tmp_path / BASES_DIR).iterdir())
     assert len(bases) == 1
     saved = json.loads((bases[0] / "base.json").read_text())
-    assert saved["state_hash"] == first["pairing"]["init_hash"] == second["pairing"]["init_hash"]
-    assert first["fields"]["ticks"] == DATA.num_warmup  # one tick per warm-up conversation (batch 1)
+    assert saved["state_hash"] == first.pairing.init_hash == second.pairing.init_hash
+    assert first.fields.ticks == DATA.num_warmup  # one tick per warm-up conversation (batch 1)
     fresh = build_toy("mixtral-tiny", seed=0)
-    from chronovisor.eval.protocols import state_hash
-
     assert state_hash(fresh) != saved["state_hash"]  # it was pretrained
 
 
 def test_controller_only_changes_no_base_parameter(tmp_path):
     record = run_cell(cell("controller_only", eta=0.03, pressure_scale=1.0), tmp_path).record
-    assert record["base_params_changed"] == 0
-    assert record["train"]["steps"] == TRAIN.steps
-    offsets = record["fields"]["offsets"]
+    assert record.base_params_changed == 0
+    assert record.train.steps == TRAIN.steps
+    offsets = record.fields.offsets
     assert set(offsets) == {"pressure_offset", "log_temperature_offset"}
     assert offsets["pressure_offset"] > 0  # the offsets did train
     off = run_cell(cell("controller_only", mode="off"), tmp_path).record
-    assert off["train"] is None and off["base_params_changed"] == 0
+    assert off.train is None and off.base_params_changed == 0
 
 
 def test_switch_routing_metrics_use_the_decoder_routers(tmp_path):
@@ -179,8 +176,8 @@ def test_a_model_directory_runs_like_a_preset(tmp_path):
     build_toy("mixtral-tiny", seed=5).save_pretrained(directory)
     spec = dataclasses.replace(cell("frozen", model=str(directory)), train=dataclasses.replace(TRAIN, pretrain_steps=0))
     record = run_cell(spec, tmp_path / "run").record
-    assert record["model_info"]["family"] == "mixtral"
-    assert record["heldout"]["loss"] > 0
+    assert record.model_info.family == "mixtral"
+    assert record.heldout.loss > 0
     assert not (tmp_path / "run" / BASES_DIR).exists()  # no pretraining requested
 
 
@@ -190,28 +187,29 @@ def test_padded_evaluation_batches_give_the_unpadded_loss(model_name, tmp_path):
     batched_spec = dataclasses.replace(cell("joint", model=model_name, mode="off"),
                                        eval=dataclasses.replace(EVAL, batch_size=3))
     batched = run_cell(batched_spec, tmp_path / "b")
-    assert batched.record["heldout"]["tokens"] == single.record["heldout"]["tokens"]
-    assert batched.record["heldout"]["loss"] == pytest.approx(single.record["heldout"]["loss"], abs=1e-4)
+    assert batched.record.heldout.tokens == single.record.heldout.tokens
+    assert batched.record.heldout.loss == pytest.approx(single.record.heldout.loss, abs=1e-4)
     for name, ids in single.routing.items():
         assert (batched.routing[name] == ids).mean() > 0.99
 
 
 def test_streaming_turn_by_turn_matches_the_full_forward_and_ticks_per_turn(tmp_path):
     streaming = dataclasses.replace(EVAL, streaming=True)
-    full_off = run_cell(cell("joint", mode="off"), tmp_path).record["heldout"]
-    stream_off = run_cell(dataclasses.replace(cell("joint", mode="off"), eval=streaming), tmp_path).record["heldout"]
-    assert stream_off["streaming"] and stream_off["tokens"] == full_off["tokens"]
-    assert stream_off["loss"] == pytest.approx(full_off["loss"], abs=1e-4)  # the KV-cache path is the same model
+    full_off = run_cell(cell("joint", mode="off"), tmp_path).record.heldout
+    stream_off = run_cell(dataclasses.replace(cell("joint", mode="off"), eval=streaming), tmp_path).record.heldout
+    assert stream_off.streaming and stream_off.tokens == full_off.tokens
+    assert stream_off.loss == pytest.approx(full_off.loss, abs=1e-4)  # the KV-cache path is the same model
     stream_on = run_cell(dataclasses.replace(cell("joint"), eval=streaming), tmp_path).record
     turns = DATA.num_heldout * len(data_lib.PHASES)
-    assert stream_on["fields"]["ticks"] == TRAIN.steps + turns
+    assert stream_on.fields.ticks == TRAIN.steps + turns
 
 
-def test_streaming_is_refused_for_encoder_decoder_models():
-    from chronovisor.eval.sweep import ConfigError, parse_config
-
+def test_streaming_evaluation_needs_batch_size_one():
     with pytest.raises(ValueError, match="batch_size"):
         EvalSpec(streaming=True, batch_size=2)
+
+
+def test_a_streaming_config_with_an_encoder_decoder_model_is_refused():
     raw = {"protocol": "joint", "models": ["switch-tiny"], "seeds": 1, "eval": {"streaming": True}}
     with pytest.raises(ConfigError, match="eval.streaming"):
         parse_config(raw)

@@ -4,13 +4,15 @@ import json
 
 import numpy as np
 import pytest
+from conftest import TINY_WORLD
 
-from chronovisor.eval import metrics, stats, sweep
-from chronovisor.eval.report import load_run, summarize, write_report
-from chronovisor.eval.sweep import parse_config
+from chronovisor.eval import metrics, stats
+from chronovisor.eval.config import parse_config
+from chronovisor.eval.pairing import load_run, summarize
+from chronovisor.eval.report import write_report
+from chronovisor.eval.rundir import RunDir
+from chronovisor.eval.sweep import run_sweep
 
-TINY_WORLD = dict(vocab_size=64, phase_vocab_size=12, topic_vocab_size=8, min_turn_length=4, max_turn_length=8,
-                  min_length=32, max_length=56)
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
@@ -31,7 +33,7 @@ def run_dir(tmp_path_factory):
         "grid": [{"eta": [0.0, 0.01, 0.03], "mode": ["pt"]}, {"mode": ["pressure"]}],
     })
     out = tmp_path_factory.mktemp("run")
-    outcome = sweep.run_sweep(config, out, progress=False)
+    outcome = run_sweep(config, out, progress=False)
     assert outcome.complete and len(outcome.ran) == 10
     return out
 
@@ -60,11 +62,11 @@ def test_statistics_are_paired_per_seed(run_dir):
     for summary in summaries:
         delta_loss, delta_excess = [], []
         for seed in summary.seeds:
-            assert seed.on["paired_off_cell"] == seed.off["cell_id"]
-            assert seed.on["spec"]["seed"] == seed.off["spec"]["seed"] == seed.seed
-            delta_loss.append(metrics.delta_loss_pct(seed.on["heldout"]["loss"], seed.off["heldout"]["loss"]))
-            delta_excess.append(seed.on["heldout"]["mean_over_layers"]["excess_separation"]
-                                - seed.off["heldout"]["mean_over_layers"]["excess_separation"])
+            assert seed.on.paired_off_cell == seed.off.cell_id
+            assert seed.on.spec["seed"] == seed.off.spec["seed"] == seed.seed
+            delta_loss.append(metrics.delta_loss_pct(seed.on.heldout.loss, seed.off.heldout.loss))
+            delta_excess.append(seed.on.heldout.mean_over_layers.excess_separation
+                                - seed.off.heldout.mean_over_layers.excess_separation)
             assert 0.0 <= seed.preservation <= 1.0
         expected = stats.robustness(delta_loss, delta_excess)
         assert (summary.robustness.successes, summary.robustness.n) == (expected.successes, expected.n)
@@ -78,19 +80,22 @@ def test_report_of_an_incomplete_run_says_so(run_dir, tmp_path):
 
     partial = tmp_path / "partial"
     shutil.copytree(run_dir, partial)
-    manifest = json.loads((partial / sweep.MANIFEST).read_text())
+    manifest = json.loads(RunDir(partial).manifest_path.read_text())
     off = next(cell_id for cell_id in manifest["cells"] if "_s1_off_" in cell_id)
-    sweep.cell_path(partial, off).unlink()
+    RunDir(partial).cell_path(off).unlink()
     text = write_report(partial).summary_path.read_text()
     assert "**incomplete**: 1 missing" in text
     assert all(summary.n == 1 for summary in summarize(load_run(partial)))
 
 
-def test_report_on_a_directory_without_a_run_fails_clearly(tmp_path, capsys):
+def test_report_on_a_directory_without_a_run_exits_with_one_line_naming_the_missing_manifest(tmp_path):
     from chronovisor import cli
 
-    assert cli.main(["report", str(tmp_path)]) == 2
-    assert "manifest.json is missing" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as error:
+        cli.main(["report", str(tmp_path)])
+    message = str(error.value)
+    assert message.startswith("chronovisor report: error: ") and "\n" not in message
+    assert "manifest.json is missing" in message
 
 
 def test_pairs_run_under_different_numerics_are_flagged(run_dir, tmp_path):
@@ -98,7 +103,7 @@ def test_pairs_run_under_different_numerics_are_flagged(run_dir, tmp_path):
 
     copy = tmp_path / "copy"
     shutil.copytree(run_dir, copy)
-    path = next(path for path in (copy / sweep.CELLS_DIR).glob("*_s0_off_*.json"))
+    path = next(path for path in RunDir(copy).cells_dir.glob("*_s0_off_*.json"))
     record = json.loads(path.read_text())
     assert record["numerics"]["device"] == "cpu"
     record["numerics"]["torch_threads"] += 1
