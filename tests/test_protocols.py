@@ -113,19 +113,42 @@ def test_switch_encoder_sees_a_single_pad_token():
 
 
 # ------------------------------------------------------------------------------- pairing
-@pytest.mark.parametrize("protocol", ["joint", "frozen", "controller_only"])
-def test_arms_start_from_the_same_weights_and_see_the_same_data(protocol, tmp_path):
-    on = run_cell(cell(protocol, eta=0.03, pressure_scale=1.0), tmp_path).record
-    off = run_cell(cell(protocol, mode="off"), tmp_path).record
+@pytest.fixture(scope="module", params=["joint", "frozen", "controller_only"])
+def arms(request, tmp_path_factory, one_torch_thread):
+    """(on, off, off arm of another seed) records of one protocol, sharing a run directory."""
+    protocol, run_dir = request.param, tmp_path_factory.mktemp(request.param)
+    on = run_cell(cell(protocol, eta=0.03, pressure_scale=1.0), run_dir).record
+    off = run_cell(cell(protocol, mode="off"), run_dir).record
+    other_seed = run_cell(cell(protocol, seed=1, mode="off"), run_dir).record
+    return on, off, other_seed
+
+
+def test_the_on_arm_names_its_paired_off_arm(arms):
+    on, off, _ = arms
     assert on.paired_off_cell == off.cell_id
+
+
+def test_arms_of_a_seed_start_from_the_same_weights_and_see_the_same_data(arms):
+    on, off, _ = arms
     assert on.pairing == off.pairing
     assert on.pairing.data_hash is not None
-    other_seed = run_cell(cell(protocol, seed=1, mode="off"), tmp_path).record
+
+
+def test_arms_of_different_seeds_start_from_different_weights(arms):
+    _, off, other_seed = arms
     assert other_seed.pairing.init_hash != off.pairing.init_hash
+
+
+def test_arms_of_a_seed_are_scored_on_the_same_held_out_tokens_against_the_same_floor(arms):
+    on, off, _ = arms
     # Identical held-out tokens, hence token-by-token comparable routing.
     assert on.heldout.tokens == off.heldout.tokens
     assert on.loss_floor == off.loss_floor
     assert on.loss_floor["bayes"] < on.loss_floor["uniform"]
+
+
+def test_only_the_on_arm_ticks_and_reports_fields(arms):
+    on, off, _ = arms
     assert on.fields.ticks > 0 and off.fields is None
 
 
@@ -193,13 +216,26 @@ def test_padded_evaluation_batches_give_the_unpadded_loss(model_name, tmp_path):
         assert (batched.routing[name] == ids).mean() > 0.99
 
 
-def test_streaming_turn_by_turn_matches_the_full_forward_and_ticks_per_turn(tmp_path):
+@pytest.fixture(scope="module")
+def streaming_runs(tmp_path_factory, one_torch_thread):
+    """Held-out metrics of the joint off arm evaluated in full forwards and streamed, and the
+    streamed on arm's record."""
+    run_dir = tmp_path_factory.mktemp("streaming")
     streaming = dataclasses.replace(EVAL, streaming=True)
-    full_off = run_cell(cell("joint", mode="off"), tmp_path).record.heldout
-    stream_off = run_cell(dataclasses.replace(cell("joint", mode="off"), eval=streaming), tmp_path).record.heldout
+    full_off = run_cell(cell("joint", mode="off"), run_dir).record.heldout
+    stream_off = run_cell(dataclasses.replace(cell("joint", mode="off"), eval=streaming), run_dir).record.heldout
+    stream_on = run_cell(dataclasses.replace(cell("joint"), eval=streaming), run_dir).record
+    return full_off, stream_off, stream_on
+
+
+def test_streaming_turn_by_turn_gives_the_loss_of_the_full_forward(streaming_runs):
+    full_off, stream_off, _ = streaming_runs
     assert stream_off.streaming and stream_off.tokens == full_off.tokens
     assert stream_off.loss == pytest.approx(full_off.loss, abs=1e-4)  # the KV-cache path is the same model
-    stream_on = run_cell(dataclasses.replace(cell("joint"), eval=streaming), tmp_path).record
+
+
+def test_streaming_evaluation_ticks_the_controller_after_every_turn(streaming_runs):
+    *_, stream_on = streaming_runs
     turns = DATA.num_heldout * len(data_lib.PHASES)
     assert stream_on.fields.ticks == TRAIN.steps + turns
 

@@ -38,21 +38,44 @@ def run_dir(tmp_path_factory):
     return out
 
 
-def test_report_writes_summary_and_plots(run_dir):
-    report = write_report(run_dir)
-    text = report.summary_path.read_text()
-    assert report.summary_path == run_dir / "summary.md"
+@pytest.fixture(scope="module")
+def report(run_dir):
+    """The report of the run and the text of its summary.md."""
+    written = write_report(run_dir)
+    return written, written.summary_path.read_text()
+
+
+def test_report_writes_summary_md_into_the_run_directory_with_every_section(report, run_dir):
+    written, text = report
+    assert written.summary_path == run_dir / "summary.md"
     for heading in ("## Loss floor", "## Controller settings (paired vs the off arm)", "## Ablation", "## Plots"):
         assert heading in text
+
+
+def test_report_labels_the_reference_p_only_setting_and_the_off_baseline(report):
+    _, text = report
     assert 'pt · reference "P-only": η=0' in text
-    assert "| pressure | – | 0.5 |" in text and "off (baseline)" in text  # η does not act on a pressure arm
-    names = sorted(path.name for path in report.plots)
+    assert "off (baseline)" in text
+
+
+def test_report_shows_no_eta_for_a_pressure_arm_where_eta_does_not_act(report):
+    _, text = report
+    assert "| pressure | – | 0.5 |" in text
+
+
+def test_report_writes_one_heatmap_per_eta_p_grid_and_one_trajectory_plot_per_arm_as_linked_pngs(report):
+    written, text = report
+    names = sorted(path.name for path in written.plots)
     assert names == ["heatmap_joint_mixtral-tiny_pt.png", "trajectory_joint_mixtral-tiny_pressure.png",
                      "trajectory_joint_mixtral-tiny_pt.png"]
-    for path in report.plots:
+    for path in written.plots:
         assert path.read_bytes()[:8] == PNG_MAGIC
         assert f"](plots/{path.name})" in text
-    assert str(run_dir) not in text  # nothing machine-specific: resumed and fresh runs report alike
+
+
+def test_summary_md_holds_nothing_machine_specific(report, run_dir):
+    _, text = report
+    assert str(run_dir) not in text  # resumed and fresh runs report alike
 
 
 def test_statistics_are_paired_per_seed(run_dir):
