@@ -61,17 +61,14 @@ def _add_controller_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _controller_config(args: argparse.Namespace, **fixed):
-    import yaml
-
     from chronovisor.controllers import PTConfig
+    from chronovisor.eval.overrides import parse_assignment
 
     values = dict(eta=args.eta, pressure_scale=args.pressure_scale, mode=args.mode, dynamics=args.dynamics,
                   seed=args.seed)
     for item in args.set:
-        name, sep, value = item.partition("=")
-        if not sep:
-            raise SystemExit(f"--set: expected FIELD=VALUE, got {item!r}")
-        values[name.strip()] = yaml.safe_load(value)
+        name, value = parse_assignment(item, placeholder="FIELD", example="usage=ema")
+        values[name] = value
     values.update(fixed)
     try:
         return PTConfig.from_dict(values)
@@ -178,7 +175,7 @@ def _add_sweep(sub) -> None:
         description="Run every cell of a sweep config, one atomic JSON per cell; re-running resumes. "
                     "Shard over N processes with `accelerate launch --num_processes N -m chronovisor.cli sweep ...` "
                     "(on a CPU-only machine add --multi_gpu: accelerate's torchrun path).")
-    parser.add_argument("config", help="YAML sweep config (see configs/ and chronovisor.eval.sweep)")
+    parser.add_argument("config", help="YAML sweep config (see configs/ and chronovisor.eval.config)")
     parser.add_argument("--out", required=True, help="run directory (created; resumed if it exists)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key before validation, e.g. --set train.steps=20 "
@@ -189,9 +186,23 @@ def _add_sweep(sub) -> None:
 
 
 def _run_sweep(args: argparse.Namespace) -> int:
-    from chronovisor.eval import sweep
+    from chronovisor.eval.config import load_config
+    from chronovisor.eval.rundir import RunDir
+    from chronovisor.eval.sweep import describe_cells, distributed_shard, run_sweep
 
-    return sweep.main(args)
+    config = load_config(args.config, args.set)
+    run_dir = RunDir(args.out)
+    if args.dry_run:
+        run_dir.manifest_for(config.config_hash)
+        print(describe_cells(config, run_dir if run_dir.path.is_dir() else None))
+        return 0
+    process_index, num_processes, device = distributed_shard()
+    outcome = run_sweep(config, run_dir, process_index=process_index, num_processes=num_processes,
+                        device=device, progress=not args.no_progress, command=sys.argv)
+    print(f"[{process_index + 1}/{num_processes}] ran {len(outcome.ran)} cells, skipped {len(outcome.skipped)} "
+          f"finished; run {'complete' if outcome.complete else 'incomplete'} ({outcome.total_cells} cells) "
+          f"in {outcome.run_dir}", file=sys.stderr)
+    return 0
 
 
 # ------------------------------------------------------------------ report
@@ -202,22 +213,30 @@ def _add_report(sub) -> None:
 
 
 def _run_report(args: argparse.Namespace) -> int:
-    from chronovisor.eval import report
+    from chronovisor.eval.report import write_report
 
-    return report.main(args)
+    report = write_report(args.run_dir)
+    print(report.table)
+    print(f"\nsummary: {report.summary_path}")
+    for path in report.plots:
+        print(f"plot:    {path}")
+    return 0
 
 
 _SUBCOMMANDS: list = [_add_inspect, _add_train, _add_sweep, _add_report]
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run one subcommand. Bad input (an unsupported model, a missing file, an invalid value)
-    exits with status 1 and a one-line message naming the problem (no traceback)."""
+    """Run one subcommand. Bad input (an unsupported model, a missing file, an invalid config or
+    value, a directory that is not a run) exits with status 1 and a one-line message naming the
+    problem (no traceback)."""
+    from chronovisor.eval.errors import EvalError
+
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError) as error:  # WrapperError and config errors are ValueErrors
+    except (EvalError, ValueError, FileNotFoundError) as error:  # WrapperError is a ValueError
         raise SystemExit(f"chronovisor {args.command}: error: {error}") from None
 
 

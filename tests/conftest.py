@@ -1,6 +1,7 @@
 """Shared test set-up.
 
-Sections: general fixtures; model-side fixtures (wrappers, ChronovisorModel, loading, training).
+Sections: general fixtures; model-side fixtures (wrappers, ChronovisorModel, loading, training);
+evaluation fixtures (eval/).
 """
 
 import pytest
@@ -43,3 +44,12 @@ def switch_tiny_inputs():
     generator = torch.Generator().manual_seed(1234)
     return {"input_ids": torch.randint(3, 1000, (2, 9), generator=generator),
             "decoder_input_ids": torch.randint(3, 1000, (2, 6), generator=generator)}
+
+
+# ---------------------------------------------------------------------------- evaluation (eval/)
+#: A small synthetic world with real phase structure: 7 turns of 4-8 tokens, vocabulary 64 (the
+#: ConversationConfig fields of every eval test's data). Test modules build their module-level
+#: specs from it: ``from conftest import TINY_WORLD``.
+TINY_WORLD = dict(vocab_size=64, phase_vocab_size=12, topic_vocab_size=8, min_turn_length=4, max_turn_length=8,
+                  min_length=32, max_length=56)
+

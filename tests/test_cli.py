@@ -168,7 +168,7 @@ def test_trained_controller_steers_the_model_it_was_trained_for(trained_dir):
     ids = torch.randint(3, 1000, (1, 8), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         expected = base(input_ids=ids).logits
-        model = ChronovisorModel.from_pretrained(base, trained_dir, tick="manual")
+        model = ChronovisorModel.from_pretrained(base, trained_dir, step_mode="manual")
         steered = model(input_ids=ids).logits
         with model.disable_controller():
             assert torch.equal(model(input_ids=ids).logits, expected)

@@ -5,25 +5,19 @@ import json
 
 import pytest
 import torch
+from conftest import TINY_WORLD
 
 from chronovisor.controllers import PTConfig
 from chronovisor.eval import data as data_lib
-from chronovisor.eval.protocols import (
-    BASES_DIR,
-    CellSpec,
-    DataSpec,
-    EvalSpec,
-    TrainSpec,
-    model_inputs,
-    run_cell,
-    training_schedule,
-    variant_config,
-)
+from chronovisor.eval import synthetic
+from chronovisor.eval.config import parse_config
+from chronovisor.eval.errors import ConfigError
+from chronovisor.eval.inputs import model_inputs, state_hash, training_schedule
+from chronovisor.eval.protocols import run_cell
+from chronovisor.eval.rundir import BASES_DIR
+from chronovisor.eval.specs import CellSpec, DataSpec, EvalSpec, TrainSpec, variant_config
 from chronovisor.wrappers import build_toy
 
-# A small world with real phase structure: 7 turns of 4-8 tokens, vocabulary 64.
-TINY_WORLD = dict(vocab_size=64, phase_vocab_size=12, topic_vocab_size=8, min_turn_length=4, max_turn_length=8,
-                  min_length=32, max_length=56)
 DATA = DataSpec(num_train=4, num_heldout=3, num_warmup=6, generator=TINY_WORLD)
 TRAIN = TrainSpec(steps=6, lr=1e-2, pretrain_steps=6)
 EVAL = EvalSpec(null_permutations=10, trajectory_every=1)
@@ -57,11 +51,17 @@ def test_cell_id_ignores_settings_the_protocol_never_reads():
     assert used.cell_id != base.cell_id
 
 
-def test_cell_spec_rejects_inconsistent_arms():
+def test_a_controller_only_cell_needs_a_learnable_pt_config():
     with pytest.raises(ValueError, match="learnable=True"):
         CellSpec("controller_only", "mixtral-tiny", 0, PTConfig(seed=0), DATA, TRAIN, EVAL)
+
+
+def test_the_controller_seed_must_equal_the_cell_seed():
     with pytest.raises(ValueError, match="seed"):
         CellSpec("joint", "mixtral-tiny", 0, PTConfig(seed=3), DATA, TRAIN, EVAL)
+
+
+def test_an_unknown_protocol_is_refused():
     with pytest.raises(ValueError, match="protocol"):
         CellSpec("streaming", "mixtral-tiny", 0, None, DATA, TRAIN, EVAL)
 
@@ -86,7 +86,7 @@ def test_training_schedule_is_deterministic_and_covers_each_epoch():
 def test_no_position_sees_a_future_token(model_name):
     """Changing the tail of a conversation leaves the loss of every earlier target unchanged."""
     model = build_toy(model_name, seed=0)
-    batch = data_lib.ConversationGenerator(data_lib.ConversationConfig(**TINY_WORLD), seed=0).sample(1)
+    batch = synthetic.ConversationGenerator(synthetic.ConversationConfig(**TINY_WORLD), seed=0).sample(1)
     altered = dataclasses.replace(batch, input_ids=batch.input_ids.clone())
     cut = batch.input_ids.shape[1] // 2
     altered.input_ids[:, cut:] = (altered.input_ids[:, cut:] + 7) % 60 + 1
@@ -106,7 +106,7 @@ def test_no_position_sees_a_future_token(model_name):
 
 def test_switch_encoder_sees_a_single_pad_token():
     model = build_toy("switch-tiny", seed=0)
-    batch = data_lib.ConversationGenerator(data_lib.ConversationConfig(**TINY_WORLD), seed=0).sample(2)
+    batch = synthetic.ConversationGenerator(synthetic.ConversationConfig(**TINY_WORLD), seed=0).sample(2)
     inputs = model_inputs(model, batch, torch.device("cpu"))
     assert inputs.kwargs["input_ids"].shape == (2, 1)
     assert torch.equal(inputs.kwargs["decoder_input_ids"][:, 1:], batch.input_ids[:, :-1])
@@ -114,33 +114,56 @@ def test_switch_encoder_sees_a_single_pad_token():
 
 
 # ------------------------------------------------------------------------------- pairing
-@pytest.mark.parametrize("protocol", ["joint", "frozen", "controller_only"])
-def test_arms_start_from_the_same_weights_and_see_the_same_data(protocol, tmp_path):
-    on = run_cell(cell(protocol, eta=0.03, pressure_scale=1.0), tmp_path).record
-    off = run_cell(cell(protocol, mode="off"), tmp_path).record
-    assert on["paired_off_cell"] == off["cell_id"]
-    assert on["pairing"] == off["pairing"]
-    assert on["pairing"]["data_hash"] is not None
-    other_seed = run_cell(cell(protocol, seed=1, mode="off"), tmp_path).record
-    assert other_seed["pairing"]["init_hash"] != off["pairing"]["init_hash"]
+@pytest.fixture(scope="module", params=["joint", "frozen", "controller_only"])
+def arms(request, tmp_path_factory, one_torch_thread):
+    """(on, off, off arm of another seed) records of one protocol, sharing a run directory."""
+    protocol, run_dir = request.param, tmp_path_factory.mktemp(request.param)
+    on = run_cell(cell(protocol, eta=0.03, pressure_scale=1.0), run_dir).record
+    off = run_cell(cell(protocol, mode="off"), run_dir).record
+    other_seed = run_cell(cell(protocol, seed=1, mode="off"), run_dir).record
+    return on, off, other_seed
+
+
+def test_the_on_arm_names_its_paired_off_arm(arms):
+    on, off, _ = arms
+    assert on.paired_off_cell == off.cell_id
+
+
+def test_arms_of_a_seed_start_from_the_same_weights_and_see_the_same_data(arms):
+    on, off, _ = arms
+    assert on.pairing == off.pairing
+    assert on.pairing.data_hash is not None
+
+
+def test_arms_of_different_seeds_start_from_different_weights(arms):
+    _, off, other_seed = arms
+    assert other_seed.pairing.init_hash != off.pairing.init_hash
+
+
+def test_arms_of_a_seed_are_scored_on_the_same_held_out_tokens_against_the_same_floor(arms):
+    on, off, _ = arms
     # Identical held-out tokens, hence token-by-token comparable routing.
-    assert on["heldout"]["tokens"] == off["heldout"]["tokens"]
-    assert on["loss_floor"] == off["loss_floor"]
-    assert on["loss_floor"]["bayes"] < on["loss_floor"]["uniform"]
-    assert on["fields"]["ticks"] > 0 and off["fields"] is None
+    assert on.heldout.tokens == off.heldout.tokens
+    assert on.loss_floor == off.loss_floor
+    assert on.loss_floor.bayes < on.loss_floor.uniform
+
+
+def test_only_the_on_arm_ticks_and_reports_fields(arms):
+    on, off, _ = arms
+    assert on.fields.ticks > 0 and off.fields is None
 
 
 def test_joint_trains_and_evaluates_on_held_out_data(tmp_path):
     result = run_cell(cell("joint"), tmp_path)
     record = result.record
-    assert record["train"]["steps"] == TRAIN.steps and "in-sample" in record["train"]["note"]
-    assert record["fields"]["ticks"] == TRAIN.steps
-    assert len(record["fields"]["trajectory"]["tick"]) == TRAIN.steps  # trajectory_every=1
-    layers = record["heldout"]["layers"]
-    assert [layer["layer"] for layer in layers] == list(result.routing)
-    assert all(ids.shape == (record["heldout"]["tokens"] + DATA.num_heldout, 2) for ids in result.routing.values())
+    assert record.train.steps == TRAIN.steps and "in-sample" in record.train.note
+    assert record.fields.ticks == TRAIN.steps
+    assert len(record.fields.trajectory["tick"]) == TRAIN.steps  # trajectory_every=1
+    layers = record.heldout.layers
+    assert [layer.layer for layer in layers] == list(result.routing)
+    assert all(ids.shape == (record.heldout.tokens + DATA.num_heldout, 2) for ids in result.routing.values())
     for layer in layers:
-        assert layer["excess_separation"] == pytest.approx(layer["separation"] - layer["null_mean"])
+        assert layer.excess_separation == pytest.approx(layer.separation - layer.null_mean)
 
 
 def test_frozen_base_is_pretrained_once_and_reused(tmp_path):
@@ -149,23 +172,21 @@ def test_frozen_base_is_pretrained_once_and_reused(tmp_path):
     bases = list((tmp_path / BASES_DIR).iterdir())
     assert len(bases) == 1
     saved = json.loads((bases[0] / "base.json").read_text())
-    assert saved["state_hash"] == first["pairing"]["init_hash"] == second["pairing"]["init_hash"]
-    assert first["fields"]["ticks"] == DATA.num_warmup  # one tick per warm-up conversation (batch 1)
+    assert saved["state_hash"] == first.pairing.init_hash == second.pairing.init_hash
+    assert first.fields.ticks == DATA.num_warmup  # one tick per warm-up conversation (batch 1)
     fresh = build_toy("mixtral-tiny", seed=0)
-    from chronovisor.eval.protocols import state_hash
-
     assert state_hash(fresh) != saved["state_hash"]  # it was pretrained
 
 
 def test_controller_only_changes_no_base_parameter(tmp_path):
     record = run_cell(cell("controller_only", eta=0.03, pressure_scale=1.0), tmp_path).record
-    assert record["base_params_changed"] == 0
-    assert record["train"]["steps"] == TRAIN.steps
-    offsets = record["fields"]["offsets"]
+    assert record.base_params_changed == 0
+    assert record.train.steps == TRAIN.steps
+    offsets = record.fields.offsets
     assert set(offsets) == {"pressure_offset", "log_temperature_offset"}
     assert offsets["pressure_offset"] > 0  # the offsets did train
     off = run_cell(cell("controller_only", mode="off"), tmp_path).record
-    assert off["train"] is None and off["base_params_changed"] == 0
+    assert off.train is None and off.base_params_changed == 0
 
 
 def test_switch_routing_metrics_use_the_decoder_routers(tmp_path):
@@ -179,8 +200,8 @@ def test_a_model_directory_runs_like_a_preset(tmp_path):
     build_toy("mixtral-tiny", seed=5).save_pretrained(directory)
     spec = dataclasses.replace(cell("frozen", model=str(directory)), train=dataclasses.replace(TRAIN, pretrain_steps=0))
     record = run_cell(spec, tmp_path / "run").record
-    assert record["model_info"]["family"] == "mixtral"
-    assert record["heldout"]["loss"] > 0
+    assert record.model_info.family == "mixtral"
+    assert record.heldout.loss > 0
     assert not (tmp_path / "run" / BASES_DIR).exists()  # no pretraining requested
 
 
@@ -190,28 +211,42 @@ def test_padded_evaluation_batches_give_the_unpadded_loss(model_name, tmp_path):
     batched_spec = dataclasses.replace(cell("joint", model=model_name, mode="off"),
                                        eval=dataclasses.replace(EVAL, batch_size=3))
     batched = run_cell(batched_spec, tmp_path / "b")
-    assert batched.record["heldout"]["tokens"] == single.record["heldout"]["tokens"]
-    assert batched.record["heldout"]["loss"] == pytest.approx(single.record["heldout"]["loss"], abs=1e-4)
+    assert batched.record.heldout.tokens == single.record.heldout.tokens
+    assert batched.record.heldout.loss == pytest.approx(single.record.heldout.loss, abs=1e-4)
     for name, ids in single.routing.items():
         assert (batched.routing[name] == ids).mean() > 0.99
 
 
-def test_streaming_turn_by_turn_matches_the_full_forward_and_ticks_per_turn(tmp_path):
+@pytest.fixture(scope="module")
+def streaming_runs(tmp_path_factory, one_torch_thread):
+    """Held-out metrics of the joint off arm evaluated in full forwards and streamed, and the
+    streamed on arm's record."""
+    run_dir = tmp_path_factory.mktemp("streaming")
     streaming = dataclasses.replace(EVAL, streaming=True)
-    full_off = run_cell(cell("joint", mode="off"), tmp_path).record["heldout"]
-    stream_off = run_cell(dataclasses.replace(cell("joint", mode="off"), eval=streaming), tmp_path).record["heldout"]
-    assert stream_off["streaming"] and stream_off["tokens"] == full_off["tokens"]
-    assert stream_off["loss"] == pytest.approx(full_off["loss"], abs=1e-4)  # the KV-cache path is the same model
-    stream_on = run_cell(dataclasses.replace(cell("joint"), eval=streaming), tmp_path).record
-    turns = DATA.num_heldout * len(data_lib.PHASES)
-    assert stream_on["fields"]["ticks"] == TRAIN.steps + turns
+    full_off = run_cell(cell("joint", mode="off"), run_dir).record.heldout
+    stream_off = run_cell(dataclasses.replace(cell("joint", mode="off"), eval=streaming), run_dir).record.heldout
+    stream_on = run_cell(dataclasses.replace(cell("joint"), eval=streaming), run_dir).record
+    return full_off, stream_off, stream_on
 
 
-def test_streaming_is_refused_for_encoder_decoder_models():
-    from chronovisor.eval.sweep import ConfigError, parse_config
+def test_streaming_turn_by_turn_gives_the_loss_of_the_full_forward(streaming_runs):
+    full_off, stream_off, _ = streaming_runs
+    assert stream_off.streaming and stream_off.tokens == full_off.tokens
+    assert stream_off.loss == pytest.approx(full_off.loss, abs=1e-4)  # the KV-cache path is the same model
 
+
+def test_streaming_evaluation_ticks_the_controller_after_every_turn(streaming_runs):
+    *_, stream_on = streaming_runs
+    turns = DATA.num_heldout * len(synthetic.PHASES)
+    assert stream_on.fields.ticks == TRAIN.steps + turns
+
+
+def test_streaming_evaluation_needs_batch_size_one():
     with pytest.raises(ValueError, match="batch_size"):
         EvalSpec(streaming=True, batch_size=2)
+
+
+def test_a_streaming_config_with_an_encoder_decoder_model_is_refused():
     raw = {"protocol": "joint", "models": ["switch-tiny"], "seeds": 1, "eval": {"streaming": True}}
     with pytest.raises(ConfigError, match="eval.streaming"):
         parse_config(raw)

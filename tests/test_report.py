@@ -4,13 +4,15 @@ import json
 
 import numpy as np
 import pytest
+from conftest import TINY_WORLD
 
-from chronovisor.eval import metrics, stats, sweep
-from chronovisor.eval.report import load_run, summarize, write_report
-from chronovisor.eval.sweep import parse_config
+from chronovisor.eval import metrics, stats
+from chronovisor.eval.config import parse_config
+from chronovisor.eval.pairing import load_run, summarize
+from chronovisor.eval.report import write_report
+from chronovisor.eval.rundir import RunDir
+from chronovisor.eval.sweep import run_sweep
 
-TINY_WORLD = dict(vocab_size=64, phase_vocab_size=12, topic_vocab_size=8, min_turn_length=4, max_turn_length=8,
-                  min_length=32, max_length=56)
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
@@ -31,26 +33,49 @@ def run_dir(tmp_path_factory):
         "grid": [{"eta": [0.0, 0.01, 0.03], "mode": ["pt"]}, {"mode": ["pressure"]}],
     })
     out = tmp_path_factory.mktemp("run")
-    outcome = sweep.run_sweep(config, out, progress=False)
+    outcome = run_sweep(config, out, progress=False)
     assert outcome.complete and len(outcome.ran) == 10
     return out
 
 
-def test_report_writes_summary_and_plots(run_dir):
-    report = write_report(run_dir)
-    text = report.summary_path.read_text()
-    assert report.summary_path == run_dir / "summary.md"
+@pytest.fixture(scope="module")
+def report(run_dir):
+    """The report of the run and the text of its summary.md."""
+    written = write_report(run_dir)
+    return written, written.summary_path.read_text()
+
+
+def test_report_writes_summary_md_into_the_run_directory_with_every_section(report, run_dir):
+    written, text = report
+    assert written.summary_path == run_dir / "summary.md"
     for heading in ("## Loss floor", "## Controller settings (paired vs the off arm)", "## Ablation", "## Plots"):
         assert heading in text
+
+
+def test_report_labels_the_reference_p_only_setting_and_the_off_baseline(report):
+    _, text = report
     assert 'pt · reference "P-only": η=0' in text
-    assert "| pressure | – | 0.5 |" in text and "off (baseline)" in text  # η does not act on a pressure arm
-    names = sorted(path.name for path in report.plots)
+    assert "off (baseline)" in text
+
+
+def test_report_shows_no_eta_for_a_pressure_arm_where_eta_does_not_act(report):
+    _, text = report
+    assert "| pressure | – | 0.5 |" in text
+
+
+def test_report_writes_one_heatmap_per_eta_p_grid_and_one_trajectory_plot_per_arm_as_linked_pngs(report):
+    written, text = report
+    names = sorted(path.name for path in written.plots)
     assert names == ["heatmap_joint_mixtral-tiny_pt.png", "trajectory_joint_mixtral-tiny_pressure.png",
                      "trajectory_joint_mixtral-tiny_pt.png"]
-    for path in report.plots:
+    for path in written.plots:
         assert path.read_bytes()[:8] == PNG_MAGIC
         assert f"](plots/{path.name})" in text
-    assert str(run_dir) not in text  # nothing machine-specific: resumed and fresh runs report alike
+
+
+def test_summary_md_holds_nothing_machine_specific(report, run_dir):
+    _, text = report
+    assert str(run_dir) not in text  # resumed and fresh runs report alike
 
 
 def test_statistics_are_paired_per_seed(run_dir):
@@ -60,11 +85,11 @@ def test_statistics_are_paired_per_seed(run_dir):
     for summary in summaries:
         delta_loss, delta_excess = [], []
         for seed in summary.seeds:
-            assert seed.on["paired_off_cell"] == seed.off["cell_id"]
-            assert seed.on["spec"]["seed"] == seed.off["spec"]["seed"] == seed.seed
-            delta_loss.append(metrics.delta_loss_pct(seed.on["heldout"]["loss"], seed.off["heldout"]["loss"]))
-            delta_excess.append(seed.on["heldout"]["mean_over_layers"]["excess_separation"]
-                                - seed.off["heldout"]["mean_over_layers"]["excess_separation"])
+            assert seed.on.paired_off_cell == seed.off.cell_id
+            assert seed.on.spec["seed"] == seed.off.spec["seed"] == seed.seed
+            delta_loss.append(metrics.delta_loss_pct(seed.on.heldout.loss, seed.off.heldout.loss))
+            delta_excess.append(seed.on.heldout.mean_over_layers.excess_separation
+                                - seed.off.heldout.mean_over_layers.excess_separation)
             assert 0.0 <= seed.preservation <= 1.0
         expected = stats.robustness(delta_loss, delta_excess)
         assert (summary.robustness.successes, summary.robustness.n) == (expected.successes, expected.n)
@@ -78,19 +103,22 @@ def test_report_of_an_incomplete_run_says_so(run_dir, tmp_path):
 
     partial = tmp_path / "partial"
     shutil.copytree(run_dir, partial)
-    manifest = json.loads((partial / sweep.MANIFEST).read_text())
+    manifest = json.loads(RunDir(partial).manifest_path.read_text())
     off = next(cell_id for cell_id in manifest["cells"] if "_s1_off_" in cell_id)
-    sweep.cell_path(partial, off).unlink()
+    RunDir(partial).cell_path(off).unlink()
     text = write_report(partial).summary_path.read_text()
     assert "**incomplete**: 1 missing" in text
     assert all(summary.n == 1 for summary in summarize(load_run(partial)))
 
 
-def test_report_on_a_directory_without_a_run_fails_clearly(tmp_path, capsys):
+def test_report_on_a_directory_without_a_run_exits_with_one_line_naming_the_missing_manifest(tmp_path):
     from chronovisor import cli
 
-    assert cli.main(["report", str(tmp_path)]) == 2
-    assert "manifest.json is missing" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as error:
+        cli.main(["report", str(tmp_path)])
+    message = str(error.value)
+    assert message.startswith("chronovisor report: error: ") and "\n" not in message
+    assert "manifest.json is missing" in message
 
 
 def test_pairs_run_under_different_numerics_are_flagged(run_dir, tmp_path):
@@ -98,7 +126,7 @@ def test_pairs_run_under_different_numerics_are_flagged(run_dir, tmp_path):
 
     copy = tmp_path / "copy"
     shutil.copytree(run_dir, copy)
-    path = next(path for path in (copy / sweep.CELLS_DIR).glob("*_s0_off_*.json"))
+    path = next(path for path in RunDir(copy).cells_dir.glob("*_s0_off_*.json"))
     record = json.loads(path.read_text())
     assert record["numerics"]["device"] == "cpu"
     record["numerics"]["torch_threads"] += 1

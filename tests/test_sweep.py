@@ -11,15 +11,14 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import TINY_WORLD
 
 from chronovisor import cli
-from chronovisor.eval import sweep
+from chronovisor.eval.config import load_config, parse_config
+from chronovisor.eval.errors import ConfigError, RunDirError
 from chronovisor.eval.report import write_report
-from chronovisor.eval.sweep import ConfigError, load_config, parse_config
-
-TINY_WORLD = dict(vocab_size=64, phase_vocab_size=12, topic_vocab_size=8, min_turn_length=4, max_turn_length=8,
-                  min_length=32, max_length=56)
-
+from chronovisor.eval.rundir import RunDir
+from chronovisor.eval.sweep import run_sweep
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -66,7 +65,7 @@ def test_grid_expands_with_one_shared_off_arm_per_seed():
     assert len({cell.cell_id for cell in cells}) == len(cells)
     for cell in on:
         assert cell.paired_off().cell_id in {o.cell_id for o in off}
-        assert cell.controller.seed == cell.seed
+        assert cell.pt_config.seed == cell.seed
     assert config.train.lr == 0.01
 
 
@@ -100,29 +99,56 @@ def test_bad_configs_fail_naming_the_key(change, key):
     assert key in str(error.value)
 
 
-def test_bad_config_fails_before_any_work(tmp_path, capsys):
+def test_a_bad_config_fails_in_the_cli_naming_file_and_key_before_any_work(tmp_path):
     config = write_config(tmp_path / "bad.yaml", tiny_config(train={"steps": 6, "learning_rate": 1e-3}))
     out = tmp_path / "run"
-    assert cli.main(["sweep", str(config), "--out", str(out)]) == 2
-    assert "train.learning_rate" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as error:
+        cli.main(["sweep", str(config), "--out", str(out)])
+    message = str(error.value)
+    assert message.startswith("chronovisor sweep: error: ") and "\n" not in message
+    assert str(config) in message and "train.learning_rate" in message
     assert not out.exists()
 
 
-def test_env_expansion_and_set_overrides(tmp_path, monkeypatch):
+def test_a_bad_config_exits_with_status_one_and_one_line_on_stderr(tmp_path):
+    config = write_config(tmp_path / "bad.yaml", tiny_config(seeds=0))
+    completed = subprocess.run([sys.executable, "-m", "chronovisor.cli", "sweep", str(config), "--out",
+                                str(tmp_path / "run")], env=cli_env(), capture_output=True, text=True, timeout=120)
+    assert completed.returncode == 1
+    assert completed.stderr.strip().splitlines() == [completed.stderr.strip()]
+    assert "seeds" in completed.stderr
+
+
+@pytest.fixture
+def model_dir(tmp_path):
     from chronovisor.wrappers import build_toy
 
-    model_dir = tmp_path / "my-model"
-    build_toy("mixtral-tiny").save_pretrained(model_dir)
+    directory = tmp_path / "my-model"
+    build_toy("mixtral-tiny").save_pretrained(directory)
+    return directory
+
+
+def test_environment_variables_in_the_config_are_expanded(tmp_path, monkeypatch, model_dir):
     path = write_config(tmp_path / "c.yaml", tiny_config(models=None, model="${MODEL_DIR}"))
     monkeypatch.delenv("MODEL_DIR", raising=False)
     with pytest.raises(ConfigError, match="MODEL_DIR"):
         load_config(path)
     monkeypatch.setenv("MODEL_DIR", str(model_dir))
+    assert load_config(path).models == (str(model_dir),)
+
+
+def test_set_overrides_edit_the_config_before_validation(tmp_path, monkeypatch, model_dir):
+    path = write_config(tmp_path / "c.yaml", tiny_config(models=None, model="${MODEL_DIR}"))
+    monkeypatch.setenv("MODEL_DIR", str(model_dir))
     config = load_config(path, ["train.steps=3", "grid.eta=[0.02]"])
-    assert config.models == (str(model_dir),)
     assert config.train.steps == 3 and config.grid[0]["eta"] == (0.02,)
     with pytest.raises(ConfigError, match="model"):
         load_config(path, [f"model={tmp_path / 'missing'}"])
+
+
+def test_a_malformed_set_override_names_the_expected_form(tmp_path):
+    with pytest.raises(ConfigError, match="expected KEY=VALUE"):
+        load_config(write_config(tmp_path / "c.yaml", tiny_config()), ["train.steps"])
 
 
 # ------------------------------------------------------------------- resume and sharding
@@ -136,13 +162,13 @@ def test_sigkilled_sweep_resumes_to_the_same_summary(tmp_path):
     reference = tmp_path / "uninterrupted"
     subprocess.run(sweep_command(reference), env=cli_env(), check=True, capture_output=True, timeout=300)
     write_report(reference)
-    with pytest.raises(ConfigError, match="another config"):
-        sweep.run_sweep(parse_config(tiny_config(seeds=[5])), reference, progress=False)
+    with pytest.raises(RunDirError, match="another config"):
+        run_sweep(parse_config(tiny_config(seeds=[5])), reference, progress=False)
 
     interrupted = tmp_path / "interrupted"
     process = subprocess.Popen(sweep_command(interrupted), env=cli_env(), stdout=subprocess.DEVNULL,
                                stderr=subprocess.PIPE, start_new_session=True)
-    cells = interrupted / sweep.CELLS_DIR
+    cells = RunDir(interrupted).cells_dir
     deadline = time.monotonic() + 120
     while not (cells.is_dir() and any(cells.glob("*.json"))):
         assert process.poll() is None, process.stderr.read().decode()
@@ -153,13 +179,13 @@ def test_sigkilled_sweep_resumes_to_the_same_summary(tmp_path):
     finished = sorted(path.name for path in cells.glob("*.json"))
     total = len(parse_config(tiny_config()).cells())
     assert 1 <= len(finished) < total
-    assert json.loads((interrupted / sweep.MANIFEST).read_text())["finished"] is None
+    assert json.loads(RunDir(interrupted).manifest_path.read_text())["finished"] is None
     before = {name: (cells / name).read_text() for name in finished}
 
     resumed = subprocess.run(sweep_command(interrupted), env=cli_env(), check=True, capture_output=True, text=True,
                              timeout=300)
     assert f"skipped {len(finished)} finished" in resumed.stderr
-    manifest = json.loads((interrupted / sweep.MANIFEST).read_text())
+    manifest = json.loads(RunDir(interrupted).manifest_path.read_text())
     assert manifest["finished"] is not None and len(manifest["resumed"]) == 1
     assert all((cells / name).read_text() == text for name, text in before.items())  # kept, not redone
     assert not list(cells.glob(".*.tmp"))
@@ -181,9 +207,9 @@ def test_two_processes_run_every_cell_exactly_once(tmp_path):
     ran = [int(line.split(" ran ")[1].split()[0]) for line in completed.stderr.splitlines() if "] ran " in line]
     assert sorted(ran) == [3, 3] and sum(ran) == len(cells)
     for index, cell in enumerate(cells):
-        record = json.loads(sweep.cell_path(out, cell.cell_id).read_text())
+        record = json.loads(RunDir(out).cell_path(cell.cell_id).read_text())
         assert record["process_index"] == index % 2
-    assert json.loads((out / sweep.MANIFEST).read_text())["finished"] is not None
+    assert json.loads(RunDir(out).manifest_path.read_text())["finished"] is not None
 
 
 # ------------------------------------------------------------------- the shipped configs
@@ -223,7 +249,7 @@ def test_pretrained_frozen_config_runs_on_a_model_directory_with_jsonl(tmp_path,
     monkeypatch.setenv("CONVERSATIONS", str(tmp_path / "chats.jsonl"))
     config = load_config(CONFIGS / "pretrained_frozen.yaml",
                          ["seeds=1", "data.num_warmup=4", "eval.null_permutations=5", "grid.mode=[pt]"])
-    outcome = sweep.run_sweep(config, tmp_path / "run", progress=False)
+    outcome = run_sweep(config, tmp_path / "run", progress=False)
     assert outcome.complete and len(outcome.ran) == 2
     text = write_report(tmp_path / "run").summary_path.read_text()
     assert "| frozen |" in text

@@ -1,0 +1,101 @@
+"""The base model of a cell: built from a preset / directory / hub id, or pretrained and cached.
+
+``frozen`` and ``controller_only`` freeze a base that was first pretrained without a controller
+for ``train.pretrain_steps``. It is deterministic per seed and identical for both arms, so it is
+trained once and cached in the run directory (:meth:`RunDir.base_dir`); every cell of the seed
+loads that copy.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from chronovisor.eval.inputs import Conversations, state_hash, training_schedule
+from chronovisor.eval.rundir import RunDir, write_json
+from chronovisor.eval.specs import CellSpec, LoadSpec, model_tag, stable_hash
+from chronovisor.eval.train_loop import final_loss, train_steps
+
+BASE_INFO = "base.json"
+
+
+def build_model(model: str, seed: int, load: LoadSpec, device: torch.device) -> torch.nn.Module:
+    """The bare HF model of ``model``: a toy preset with its seed's init, or a directory / hub id."""
+    from chronovisor.model import load_base_model
+
+    loaded = load_base_model(model, seed=seed, device_map=load.device_map, torch_dtype=load.torch_dtype)
+    return loaded if load.device_map is not None else loaded.to(device)
+
+
+@contextlib.contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """No transformers progress bars (weight loading / shard writing) inside the block."""
+    from transformers.utils import logging as hf_logging
+
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()
+
+
+def pretrained_base(cell: CellSpec, conversations: Conversations, run_dir: RunDir | str | Path,
+                    device: torch.device) -> torch.nn.Module:
+    """The frozen base of ``frozen``/``controller_only``.
+
+    The model after ``train.pretrain_steps`` of plain training (no controller), cached per (model,
+    seed, data, pretraining settings) under ``run_dir``. Concurrent processes may both train it;
+    the first rename wins and every cell loads that copy, so all arms of a seed start from
+    bit-identical weights. With ``pretrain_steps`` 0 the model as built.
+
+    Args:
+        cell: any cell of the seed (its model, seed, data, train and load settings count).
+        conversations: the cell's conversations (pretraining uses the training ones).
+        run_dir: where the cache lives.
+        device: where the model runs.
+    """
+    base = build_model(cell.model, cell.seed, cell.load, device)
+    if cell.train.pretrain_steps == 0:
+        return base
+    key = {
+        "model": cell.model,
+        "seed": cell.seed,
+        "data": cell.relevant_settings()["data"] | {"num_warmup": None},
+        "pretrain_steps": cell.train.pretrain_steps,
+        "lr": cell.train.lr,
+        "weight_decay": cell.train.weight_decay,
+        "batch_size": cell.train.batch_size,
+        "load": dataclasses.asdict(cell.load),
+    }
+    directory = RunDir.of(run_dir).base_dir(f"{model_tag(cell.model)}_s{cell.seed}_{stable_hash(key)[:12]}")
+    if not (directory / BASE_INFO).is_file():
+        torch.manual_seed(cell.seed)
+        base.train()
+        schedule = training_schedule(len(conversations.train), cell.train.batch_size, cell.train.pretrain_steps,
+                                     cell.seed)
+        losses = train_steps(base, list(base.parameters()), conversations.train, schedule, cell.train.lr,
+                             cell.train.weight_decay, device)
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+        with _quiet_transformers():
+            base.save_pretrained(staging)
+        write_json(staging / BASE_INFO, {"key": key, "state_hash": state_hash(base), "final_train_loss": final_loss(losses)})
+        try:
+            staging.rename(directory)
+        except OSError:  # another process finished the same base first
+            shutil.rmtree(staging, ignore_errors=True)
+    with _quiet_transformers():
+        weights = type(base).from_pretrained(directory).to(device)
+    expected = json.loads((directory / BASE_INFO).read_text())["state_hash"]
+    if state_hash(weights) != expected:
+        raise RuntimeError(f"cached base {directory} does not match its recorded hash; delete it and rerun")
+    return weights

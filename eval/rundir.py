@@ -1,0 +1,236 @@
+"""The run directory of a sweep: its layout, atomic writes, the manifest and which cells are finished.
+
+    RUN_DIR/manifest.json                 config, its hash, cell ids, versions, git commit, times
+    RUN_DIR/config.yaml                   the resolved config
+    RUN_DIR/cells/<cell_id>.json          one per finished cell (written last, atomically: the marker)
+    RUN_DIR/cells/<cell_id>.routing.npz   held-out routing of that cell (for routing preservation)
+    RUN_DIR/bases/                        pretrained frozen bases (frozen / controller_only)
+    RUN_DIR/summary.md, RUN_DIR/plots/    the report
+
+:class:`RunDir` is the only code that knows these paths; the sweep writes through it and the
+report reads through it.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+import yaml
+
+from chronovisor.eval.errors import RunDirError
+from chronovisor.eval.record import ArmResult, CellRecord
+
+MANIFEST = "manifest.json"
+RESOLVED_CONFIG = "config.yaml"
+CELLS_DIR = "cells"
+ROUTING_SUFFIX = ".routing.npz"
+BASES_DIR = "bases"
+SUMMARY = "summary.md"
+PLOTS_DIR = "plots"
+MANIFEST_FORMAT = 1
+
+
+# ------------------------------------------------------------------------------ atomic writes
+def atomic_write(path: Path, write: Callable[[IO[bytes]], Any]) -> None:
+    """Write via a temporary file in the same directory and ``os.replace`` it into place.
+
+    Args:
+        path: the final file (its directory is created).
+        write: called with the open binary handle of the temporary file.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(temporary, "wb") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    finally:
+        if temporary.exists():
+            temporary.unlink()
+
+
+def write_json(path: Path, value: Any) -> None:
+    """``value`` as indented JSON (numpy scalars and arrays as numbers and lists), written atomically."""
+    atomic_write(path, lambda handle: handle.write((json.dumps(value, indent=2, default=_json_default) + "\n").encode()))
+
+
+def _json_default(value: Any) -> Any:
+    if hasattr(value, "item"):
+        return value.item()
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    raise TypeError(f"not JSON-serialisable: {type(value).__name__}")
+
+
+# ------------------------------------------------------------------------------ the directory
+class RunDir:
+    """One sweep's run directory.
+
+    Args:
+        path: the directory (created on the first write).
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    @classmethod
+    def of(cls, run_dir: RunDir | str | Path) -> RunDir:
+        """``run_dir`` itself if it is a RunDir, else the RunDir at that path."""
+        return run_dir if isinstance(run_dir, RunDir) else cls(run_dir)
+
+    def __repr__(self) -> str:
+        return f"RunDir({str(self.path)!r})"
+
+    # -- paths ---------------------------------------------------------------------------------
+    @property
+    def manifest_path(self) -> Path:
+        return self.path / MANIFEST
+
+    @property
+    def cells_dir(self) -> Path:
+        return self.path / CELLS_DIR
+
+    def cell_path(self, cell_id: str) -> Path:
+        return self.cells_dir / f"{cell_id}.json"
+
+    def routing_path(self, cell_id: str) -> Path:
+        return self.cells_dir / f"{cell_id}{ROUTING_SUFFIX}"
+
+    @property
+    def summary_path(self) -> Path:
+        return self.path / SUMMARY
+
+    @property
+    def plots_dir(self) -> Path:
+        return self.path / PLOTS_DIR
+
+    def base_dir(self, name: str) -> Path:
+        """The directory of the cached pretrained base ``name`` (see :mod:`.bases`)."""
+        return self.path / BASES_DIR / name
+
+    # -- cells ---------------------------------------------------------------------------------
+    def is_finished(self, cell_id: str) -> bool:
+        """True if the cell's JSON exists and is a complete record of this cell."""
+        try:
+            record = json.loads(self.cell_path(cell_id).read_text())
+        except (OSError, ValueError):
+            return False
+        return record.get("cell_id") == cell_id and self.routing_path(cell_id).is_file()
+
+    def save_cell(self, result: ArmResult) -> None:
+        """Routing first, then the JSON record (whose presence marks the cell finished); both atomic."""
+        cell_id = result.record.cell_id
+        atomic_write(self.routing_path(cell_id), lambda handle: np.savez_compressed(
+            handle, layer_names=np.asarray(list(result.routing)),
+            **{f"layer{i}": ids for i, ids in enumerate(result.routing.values())}))
+        write_json(self.cell_path(cell_id), result.record.to_dict())
+
+    def read_record(self, cell_id: str) -> CellRecord | None:
+        """The record of a finished cell (None if its JSON is not there)."""
+        try:
+            return CellRecord.from_dict(json.loads(self.cell_path(cell_id).read_text()))
+        except FileNotFoundError:
+            return None
+
+    def read_routing(self, cell_id: str) -> dict[str, np.ndarray]:
+        """The held-out routing of a cell: ``[N_real, k]`` expert ids per layer name."""
+        with np.load(self.routing_path(cell_id)) as stored:
+            names = [str(name) for name in stored["layer_names"]]
+            return {name: stored[f"layer{i}"] for i, name in enumerate(names)}
+
+    # -- the manifest --------------------------------------------------------------------------
+    def read_manifest(self) -> dict[str, Any]:
+        """The manifest; :class:`RunDirError` if there is none."""
+        if not self.manifest_path.is_file():
+            raise RunDirError(f"{self.path} is not a sweep run directory: {MANIFEST} is missing")
+        return json.loads(self.manifest_path.read_text())
+
+    def manifest_for(self, config_hash: str) -> dict[str, Any] | None:
+        """The existing manifest (None if there is none), after checking it belongs to the config
+        with ``config_hash``; :class:`RunDirError` if it holds another config's run."""
+        if not self.manifest_path.is_file():
+            return None
+        manifest = self.read_manifest()
+        if manifest.get("config_hash") != config_hash:
+            raise RunDirError(
+                f"{self.path} holds a sweep of another config (hash {str(manifest.get('config_hash'))[:12]}, this one "
+                f"{config_hash[:12]}); resume with the same config and --set values, or use another --out")
+        return manifest
+
+    def start(self, *, name: str, resolved: dict[str, Any], config_hash: str, cell_ids: list[str],
+              command: list[str], num_processes: int, stack_size: int) -> None:
+        """Write (or, on a resume, update) the manifest and the resolved config.
+
+        Args:
+            name, resolved, config_hash: the sweep config's label, resolved values and hash.
+            cell_ids: every cell of the sweep, in order.
+            command: the command line that started this process.
+            num_processes, stack_size: how the cells are run (recorded, not hashed; the latter as
+                the config key ``batch_configs``).
+        """
+        previous = self.manifest_for(config_hash)
+        self.path.mkdir(parents=True, exist_ok=True)
+        manifest = {
+            "format": MANIFEST_FORMAT,
+            "name": name,
+            "config": resolved,
+            "config_hash": config_hash,
+            "cells": cell_ids,
+            "versions": library_versions(),
+            "git": git_commit(),
+            "command": command,
+            "num_processes": num_processes,
+            "batch_configs": stack_size,
+            "started": (previous or {}).get("started") or _now(),
+            "resumed": (previous or {}).get("resumed", []) + ([_now()] if previous else []),
+            "finished": None,
+        }
+        write_json(self.manifest_path, manifest)
+        atomic_write(self.path / RESOLVED_CONFIG, lambda handle: handle.write(
+            yaml.safe_dump(resolved, sort_keys=False).encode()))
+
+    def mark_finished(self) -> None:
+        """Stamp the manifest with the time the last cell finished (once)."""
+        manifest = self.read_manifest()
+        if manifest.get("finished") is None:
+            manifest["finished"] = _now()
+            write_json(self.manifest_path, manifest)
+
+
+def library_versions() -> dict[str, str]:
+    from importlib import metadata
+
+    versions = {"python": platform.python_version()}
+    for package in ("chronovisor", "torch", "transformers", "accelerate", "numpy", "scipy", "pyyaml"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = "not installed"
+    return versions
+
+
+def git_commit() -> dict[str, Any] | None:
+    """Commit of the source tree this package runs from (None outside a git checkout)."""
+    source = Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=source, capture_output=True, text=True, check=True,
+                                timeout=10).stdout.strip()
+        status = subprocess.run(["git", "status", "--porcelain"], cwd=source, capture_output=True, text=True,
+                                check=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return {"commit": commit, "dirty": bool(status.strip())}
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")

@@ -1,0 +1,131 @@
+"""The markdown tables of the report: per setting, the ablation per group, and the loss floors."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import defaultdict
+
+import numpy as np
+
+from chronovisor.eval import stats
+from chronovisor.eval.pairing import Run, Setting, SettingSummary, layer_mean, varying_fields
+from chronovisor.eval.record import CellRecord
+
+
+def _num(value: float, digits: int = 3) -> str:
+    if value is None or not math.isfinite(value):
+        return "–"
+    return f"{value:.{digits}g}" if abs(value) < 1e-3 or abs(value) >= 1e4 else f"{value:.{digits}f}"
+
+
+def _pct(value: float) -> str:
+    return "–" if not math.isfinite(value) else f"{value:+.2f}"
+
+
+def _ci(ci: stats.TInterval, fmt) -> str:
+    if not math.isfinite(ci.mean):
+        return "–"
+    if not math.isfinite(ci.low):
+        return f"{fmt(ci.mean)} [n/a]"
+    return f"{fmt(ci.mean)} [{fmt(ci.low)}, {fmt(ci.high)}]"
+
+
+def _sci(value: float) -> str:
+    return "–" if not math.isfinite(value) else f"{value:+.2e}"
+
+
+def _axis(setting: Setting, name: str) -> str:
+    return f"{setting.fields[name]:g}" if setting.acts(name) else "–"
+
+
+def _T_bar_variance(summary: SettingSummary) -> str:
+    return _num(summary.mean("T_bar_variance")) if summary.setting.acts("eta") else "–"
+
+
+def _robust(summary: SettingSummary) -> str:
+    r = summary.robustness
+    return f"{r.successes}/{r.n} [{r.low:.2f}, {r.high:.2f}]"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def main_table(summaries: list[SettingSummary]) -> str:
+    """The per-setting table: robustness, Δloss CI, p-values, Δexcess, T̄ variance, preservation."""
+    extra = varying_fields(summaries)
+    header = (["protocol", "model", "arm", "η", "P"] + extra +
+              ["n", "robust k/n [Wilson 95%]", "Δloss % [95% CI]", "Wilcoxon p", "Holm p",
+               "Δexcess-sep [95% CI]", "Δsep (raw)", "ΔU(turn|expert)", "T̄ var", "preserved"])
+    rows = []
+    for s in summaries:
+        fields = s.setting.fields
+        diverged = f" ({s.diverged} diverged)" if s.diverged else ""
+        rows.append([s.setting.protocol, s.setting.model, _arm_name(s.setting), _axis(s.setting, "eta"),
+                     _axis(s.setting, "pressure_scale")] + [str(fields.get(key)) for key in extra] + [
+            str(s.n), _robust(s), _ci(s.loss_ci, _pct) + diverged, _num(s.wilcoxon.p_value), _num(s.holm_p),
+            _ci(s.excess_ci, _sci), _sci(s.mean("delta_separation")), _sci(s.mean("delta_uncertainty")),
+            _T_bar_variance(s), f"{s.mean('preservation'):.3f}"])
+    return _table(header, rows)
+
+
+def _arm_name(setting: Setting) -> str:
+    label = setting.reference_label
+    return f"{setting.variant} · {label}" if label else setting.variant
+
+
+def ablation_tables(run: Run, summaries: list[SettingSummary]) -> list[tuple[str, str]]:
+    """(title, table) per (protocol, model, other fields) group that has more than one variant.
+
+    Rows: the off arm (absolute values, mean over seeds) and every controller setting (paired
+    differences). Labels the reference's "P-only" (η=0) and "T-only" (P=0) settings.
+    """
+    extra = varying_fields(summaries)
+    groups: dict[tuple, list[SettingSummary]] = defaultdict(list)
+    for summary in summaries:
+        fields = summary.setting.fields
+        groups[(summary.setting.protocol, summary.setting.model,
+                tuple((key, json.dumps(fields.get(key))) for key in extra))].append(summary)
+    tables = []
+    for (protocol, model, rest), members in groups.items():
+        if len({member.setting.variant for member in members}) < 2:
+            continue
+        header = ["arm", "η", "P", "n", "held-out loss", "Δloss % [95% CI]", "robust k/n", "excess-sep",
+                  "Δexcess-sep", "U(turn|expert)", "MaxVio", "preserved", "T̄ var"]
+        offs = {seed.off.cell_id: seed.off for member in members for seed in member.seeds}
+        off_records = list(offs.values())
+        rows = [["off (baseline)", "–", "–", str(len(off_records)),
+                 _num(float(np.mean([r.heldout.loss for r in off_records])), 4), "–", "–",
+                 _sci(float(np.mean([layer_mean(r, "excess_separation") for r in off_records]))), "–",
+                 _num(float(np.mean([layer_mean(r, "uncertainty_coefficient") for r in off_records]))),
+                 _num(float(np.mean([layer_mean(r, "max_vio") for r in off_records]))), "1.000", "–"]]
+        for s in members:
+            rows.append([_arm_name(s.setting), _axis(s.setting, "eta"), _axis(s.setting, "pressure_scale"), str(s.n),
+                         _num(s.mean_loss("on"), 4), _ci(s.loss_ci, _pct), _robust(s),
+                         _sci(s.mean_on("excess_separation")), _sci(s.mean("delta_excess")), _num(s.mean_on("uncertainty_coefficient")),
+                         _num(s.mean_on("max_vio")), f"{s.mean('preservation'):.3f}", _T_bar_variance(s)])
+        suffix = ", ".join(f"{key}={json.loads(value)}" for key, value in rest)
+        tables.append((f"{protocol}, {model}" + (f", {suffix}" if suffix else ""), _table(header, rows)))
+    return tables
+
+
+def floor_table(run: Run) -> str:
+    """Per (protocol, model): the off arm's held-out loss against the data's loss floors."""
+    groups: dict[tuple, list[CellRecord]] = defaultdict(list)
+    for record in run.records.values():
+        if not record.is_on:
+            groups[(record.protocol, record.model)].append(record)
+    rows = []
+    for (protocol, model), records in sorted(groups.items()):
+        floors = [r.loss_floor for r in records if r.loss_floor]
+        train = [r.train.final_loss for r in records if r.train]
+        floor = {key: float(np.mean([getattr(f, key) for f in floors])) if floors else math.nan
+                 for key in ("bayes", "oracle", "uniform")}
+        rows.append([protocol, model, str(len(records)), _num(float(np.mean([r.heldout.loss for r in records])), 4),
+                     _num(floor["bayes"], 4), _num(floor["oracle"], 4), _num(floor["uniform"], 4),
+                     _num(float(np.mean(train)), 4) if train else "–"])
+    return _table(["protocol", "model", "seeds", "off-arm held-out loss", "Bayes floor (causal)", "oracle floor",
+                   "uniform ln V", "off-arm training loss (in-sample)"], rows)

@@ -1,0 +1,70 @@
+"""AdamW steps over a batch schedule (joint training, base pretraining, controller offsets) and the
+summary of the in-sample training loss."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from chronovisor.eval import data as data_lib
+from chronovisor.eval.inputs import mean_loss, model_inputs, model_of
+from chronovisor.eval.record import TrainSummary
+
+#: Final training steps averaged into the reported (in-sample) training loss, as in the reference's
+#: ablation (mean of the last 50 per-step losses).
+TRAIN_LOSS_TAIL = 50
+#: ``tick(step, loss)``: one controller tick after a forward (and the field trajectory's sample).
+Tick = Callable[[int, torch.Tensor], None]
+
+
+def train_steps(
+    model: torch.nn.Module,
+    parameters: list[torch.nn.Parameter],
+    batches: data_lib.ConversationBatch,
+    schedule: list[list[int]],
+    lr: float,
+    weight_decay: float,
+    device: torch.device,
+    after_step: Tick | None = None,
+) -> list[float]:
+    """AdamW over ``parameters`` on the scheduled batches; returns the per-step training losses.
+
+    Args:
+        model: a ChronovisorModel or a bare HF model.
+        parameters: what the optimiser updates.
+        batches, schedule: the conversations and the indices of each step's batch.
+        lr, weight_decay: AdamW settings.
+        device: where the inputs go.
+        after_step: ``after_step(step, loss)`` runs after each optimiser step (the controller's tick).
+    """
+    optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=weight_decay)
+    losses = []
+    for step, indices in enumerate(schedule):
+        inputs = model_inputs(model_of(model), batches.select(indices), device)
+        loss = mean_loss(model, inputs)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        detached = loss.detach()
+        if after_step is not None:
+            after_step(step, detached)
+        losses.append(float(detached))
+    return losses
+
+
+def final_loss(losses: list[float]) -> float | None:
+    """Mean of the last :data:`TRAIN_LOSS_TAIL` losses (None without any)."""
+    tail = losses[-TRAIN_LOSS_TAIL:]
+    return sum(tail) / len(tail) if tail else None
+
+
+def train_summary(losses: list[float], every: int) -> TrainSummary:
+    """The in-sample loss of a training phase: its final value and the curve every ``every`` steps."""
+    return TrainSummary(
+        note="in-sample training loss (the training conversations); compare arms on heldout.loss",
+        steps=len(losses),
+        final_loss=final_loss(losses),
+        curve_every=every,
+        curve=losses[::every],
+    )
