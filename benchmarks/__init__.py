@@ -1,4 +1,4 @@
-"""Chronovisor performance benchmarks (DESIGN.md §6: ratios measured side by side in one run).
+"""Chronovisor performance benchmarks: ratios measured side by side in one run, never timed tests.
 
     python -m benchmarks                      # every CPU benchmark, ~3-5 minutes on 2 cores
     python -m benchmarks --quick              # smoke run, small shapes, well under a minute
