@@ -7,9 +7,10 @@ paired with that seed's off arm (same init, data and order), per seed
     Δexcess-sep  = excess separation on − off   (separation minus its permutation null, mean over layers)
 
 and over seeds: robustness k/n (Δloss < 0 and Δexcess-sep > 0) with a Wilson 95% interval, mean
-Δloss % with a Student t 95% interval, a Wilcoxon signed-rank p-value and its Holm correction
-across all settings of the run, the final T̄ variance across experts and the routing preservation
-of the on arm vs the off arm on the held-out tokens.
+Δloss % with a Student t 95% interval and its t-test, a Wilcoxon signed-rank p-value (and its Holm
+correction across all settings, kept for callers; the report labels these per-setting tests
+exploratory and shows them uncorrected, see :mod:`.contrasts`), the final T̄ variance across experts
+and the routing preservation of the on arm vs the off arm on the held-out tokens.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import numpy as np
 from chronovisor.eval import metrics, stats
 from chronovisor.eval.record import CellRecord
 from chronovisor.eval.rundir import RunDir
-from chronovisor.eval.specs import LOSS_FREE, VARIANTS
+from chronovisor.eval.specs import LOSS_FREE, PLACEBO, VARIANTS
 
 #: PTConfig fields shown as their own columns; any other field that varies in a run gets one too.
 AXIS_FIELDS = ("eta", "pressure_scale")
@@ -101,11 +102,11 @@ class Setting:
 
     def acts(self, name: str) -> bool:
         """Whether η (``eta``) or P (``pressure_scale``) reaches the router in this arm: the pressure
-        arm delivers no temperature, the temperature arm no pressure, loss_free neither field."""
+        and placebo arms deliver no temperature, the temperature arm no pressure, loss_free neither field."""
         if self.variant == LOSS_FREE:
             return False
         if name == "eta":
-            return self.variant != "pressure"
+            return self.variant not in ("pressure", PLACEBO)
         return self.variant != "temperature"
 
 

@@ -1,4 +1,5 @@
-"""The report's figures: η × P heatmaps and field trajectories, one PNG per group of settings.
+"""The report's figures: η × P heatmaps and field trajectories, one PNG per group of settings; per-seed
+Δloss % strip plots with the placebo band, one per (protocol, model); training curves on vs off, one per arm.
 
 A group is (protocol, model, arm, the other varying controller fields); matplotlib runs headless (Agg).
 """
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from chronovisor.eval.contrasts import arm_labels, by_group, noise_floors, seed_deltas
 from chronovisor.eval.pairing import SettingSummary, varying_fields
 
 
@@ -128,4 +130,81 @@ def plot_trajectories(summaries: list[SettingSummary], plots_dir: Path) -> list[
             axis.set_title(title, fontsize=10)
         axes[0][0].legend(fontsize=7, ncol=1 + len(curves) // 8)
         paths.append(_save_figure(figure, plots_dir, "trajectory", key, "controller-on arms, mean over seeds"))
+    return paths
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _file_slug(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "-._" else "-" for c in text.replace("η", "eta"))
+
+
+def plot_deltas(summaries: list[SettingSummary], plots_dir: Path) -> list[Path]:
+    """One PNG per (protocol, model): the per-seed Δloss % of every arm (one point per seed, arms on the
+    x-axis), the mean ± 2 SD band of the placebo arm shaded when there is one."""
+    plt = _pyplot()
+    labels, floors = arm_labels(summaries), noise_floors(summaries)
+    paths = []
+    for (protocol, model), members in by_group(summaries).items():
+        figure, axis = plt.subplots(figsize=(1.1 * len(members) + 2.6, 3.6))
+        floor = floors[(protocol, model)]
+        if floor is not None and np.isfinite(floor.sd):
+            low, high = floor.interval.mean - 2 * floor.sd, floor.interval.mean + 2 * floor.sd
+            axis.axhspan(low, high, color="0.85", zorder=0, label="placebo mean ± 2 SD")
+        axis.axhline(0.0, color="0.4", lw=0.8)
+        for index, member in enumerate(members):
+            values = list(seed_deltas(member).values())
+            jitter = np.linspace(-0.12, 0.12, len(values)) if len(values) > 1 else np.zeros(len(values))
+            axis.scatter(index + jitter, values, s=22, zorder=3)
+            if values:
+                axis.plot([index - 0.25, index + 0.25], [np.mean(values)] * 2, color="black", lw=1.5, zorder=4)
+        axis.set_xticks(range(len(members)), [labels[m.setting] for m in members], rotation=30, ha="right", fontsize=8)
+        axis.set_ylabel("Δ held-out loss % vs paired off arm")
+        axis.set_title(f"{protocol} · {Path(model).name} · per-seed Δloss % (bar = mean)", fontsize=10)
+        if floor is not None:
+            axis.legend(fontsize=7, loc="best")
+        figure.tight_layout()
+        path = plots_dir / f"deltas_{_file_slug(f'{protocol}_{Path(model).name}')}.png"
+        figure.savefig(path, dpi=110)
+        plt.close(figure)
+        paths.append(path)
+    return paths
+
+
+def plot_training(summaries: list[SettingSummary], plots_dir: Path) -> list[Path]:
+    """One PNG per arm of a protocol that trains: the in-sample training loss of the on and the off arm
+    against the step (mean over seeds, min–max spread shaded)."""
+    plt = _pyplot()
+    labels = arm_labels(summaries)
+    paths = []
+    for summary in summaries:
+        pairs = [(seed.on.train, seed.off.train) for seed in summary.seeds]
+        if not pairs or not all(on and off and on.curve and off.curve for on, off in pairs):
+            continue
+        figure, axis = plt.subplots(figsize=(5.6, 3.6))
+        for index, (arm, color, style) in enumerate((("on", "tab:red", "-"), ("off", "tab:blue", "--"))):
+            curves = [pair[index].curve for pair in pairs]
+            length = min(len(curve) for curve in curves)
+            values = np.array([curve[:length] for curve in curves], dtype=float)
+            steps = np.arange(length) * pairs[0][index].curve_every
+            axis.plot(steps, values.mean(axis=0), color=color, ls=style, lw=1.3, label=f"{arm} (mean of {len(curves)} seeds)")
+            axis.fill_between(steps, values.min(axis=0), values.max(axis=0), color=color, alpha=0.2, lw=0)
+        label = labels[summary.setting]
+        axis.set_xlabel("training step")
+        axis.set_ylabel("training loss (in-sample)")
+        axis.set_title(f"{summary.setting.protocol} · {Path(summary.setting.model).name} · {label} vs off "
+                       "(band = min–max over seeds)", fontsize=9)
+        axis.legend(fontsize=7)
+        figure.tight_layout()
+        path = plots_dir / f"training_{_file_slug(f'{summary.setting.protocol}_{Path(summary.setting.model).name}_{label}')}.png"
+        figure.savefig(path, dpi=110)
+        plt.close(figure)
+        paths.append(path)
     return paths

@@ -1,4 +1,4 @@
-"""The markdown tables of the report: per setting, the ablation per group, and the loss floors."""
+"""The markdown tables of the report: per setting, the ablation per group, and the baselines and loss floors."""
 
 from __future__ import annotations
 
@@ -20,7 +20,9 @@ def _num(value: float, digits: int = 3) -> str:
 
 
 def _pct(value: float) -> str:
-    return "–" if not math.isfinite(value) else f"{value:+.2f}"
+    if not math.isfinite(value):
+        return "–"
+    return f"{value:+.1e}" if 0 < abs(value) < 0.005 else f"{value:+.2f}"
 
 
 def _ci(ci: stats.TInterval, fmt) -> str:
@@ -55,10 +57,11 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def main_table(summaries: list[SettingSummary]) -> str:
-    """The per-setting table: robustness, Δloss CI, p-values, Δexcess, T̄ variance, preservation."""
+    """The per-setting table (exploratory): robustness, Δloss t CI, uncorrected t and Wilcoxon p,
+    Δexcess, T̄ variance, preservation."""
     extra = varying_fields(summaries)
     header = (["protocol", "model", "arm", "η", "P"] + extra +
-              ["n", "robust k/n [Wilson 95%]", "Δloss % [95% CI]", "Wilcoxon p", "Holm p",
+              ["n", "robust k/n [Wilson 95%]", "Δloss % [95% t CI]", "t p", "Wilcoxon p",
                "Δexcess-sep [95% CI]", "Δsep (raw)", "ΔU(turn|expert)", "T̄ var", "preserved"])
     rows = []
     for s in summaries:
@@ -66,7 +69,7 @@ def main_table(summaries: list[SettingSummary]) -> str:
         diverged = f" ({s.diverged} diverged)" if s.diverged else ""
         rows.append([s.setting.protocol, s.setting.model, _arm_name(s.setting), _axis(s.setting, "eta"),
                      _axis(s.setting, "pressure_scale")] + [str(fields.get(key)) for key in extra] + [
-            str(s.n), _robust(s), _ci(s.loss_ci, _pct) + diverged, _num(s.wilcoxon.p_value), _num(s.holm_p),
+            str(s.n), _robust(s), _ci(s.loss_ci, _pct) + diverged, _num(s.loss_ci.p_value), _num(s.wilcoxon.p_value),
             _ci(s.excess_ci, _sci), _sci(s.mean("delta_separation")), _sci(s.mean("delta_uncertainty")),
             _T_bar_variance(s), f"{s.mean('preservation'):.3f}"])
     return _table(header, rows)
@@ -112,20 +115,34 @@ def ablation_tables(run: Run, summaries: list[SettingSummary]) -> list[tuple[str
     return tables
 
 
-def floor_table(run: Run) -> str:
-    """Per (protocol, model): the off arm's held-out loss against the data's loss floors."""
+def _off_records(run: Run) -> dict[tuple[str, str], list[CellRecord]]:
     groups: dict[tuple, list[CellRecord]] = defaultdict(list)
     for record in run.records.values():
         if not record.is_on:
             groups[(record.protocol, record.model)].append(record)
+    return dict(sorted(groups.items()))
+
+
+def bigram_failures(run: Run) -> dict[tuple[str, str], tuple[int, int]]:
+    """Per (protocol, model): (k, n), the off arm's seeds whose held-out loss is not below the count
+    bigram's, out of its finished seeds."""
+    return {group: (sum(r.heldout.loss >= r.baselines.bigram for r in records), len(records))
+            for group, records in _off_records(run).items()}
+
+
+def baselines_table(run: Run) -> str:
+    """Per (protocol, model): the off arm's held-out loss beside the n-gram baselines fit on the same
+    training tokens and the data's loss floors (means over the off arm's seeds)."""
     rows = []
-    for (protocol, model), records in sorted(groups.items()):
+    for (protocol, model), records in _off_records(run).items():
         floors = [r.loss_floor for r in records if r.loss_floor]
-        train = [r.train.final_loss for r in records if r.train]
+        train = [r.train.final_loss for r in records if r.train and r.train.final_loss is not None]
         floor = {key: float(np.mean([getattr(f, key) for f in floors])) if floors else math.nan
                  for key in ("bayes", "oracle", "uniform")}
+        mean = {key: float(np.mean([getattr(r.baselines, key) for r in records])) for key in ("bigram", "unigram")}
         rows.append([protocol, model, str(len(records)), _num(float(np.mean([r.heldout.loss for r in records])), 4),
-                     _num(floor["bayes"], 4), _num(floor["oracle"], 4), _num(floor["uniform"], 4),
+                     _num(mean["bigram"], 4), _num(mean["unigram"], 4), _num(floor["bayes"], 4),
+                     _num(floor["uniform"], 4), _num(floor["oracle"], 4),
                      _num(float(np.mean(train)), 4) if train else "–"])
-    return _table(["protocol", "model", "seeds", "off-arm held-out loss", "Bayes floor (causal)", "oracle floor",
-                   "uniform ln V", "off-arm training loss (in-sample)"], rows)
+    return _table(["protocol", "model", "seeds", "off-arm held-out loss", "count bigram", "unigram",
+                   "Bayes floor (causal)", "uniform ln V", "oracle floor", "off-arm training loss (in-sample)"], rows)

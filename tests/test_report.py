@@ -48,7 +48,9 @@ def report(run_dir):
 def test_report_writes_summary_md_into_the_run_directory_with_every_section(report, run_dir):
     written, text = report
     assert written.summary_path == run_dir / "summary.md"
-    for heading in ("## Loss floor", "## Controller settings (paired vs the off arm)", "## Ablation", "## Plots"):
+    for heading in ("## Primary (pre-registered)", "## Noise floor", "## Baselines and loss floor",
+                    "## Exploratory: controller settings (paired vs the off arm)", "## Separation", "## Slow field",
+                    "## Ablation", "## Plots"):
         assert heading in text
 
 
@@ -63,11 +65,13 @@ def test_report_shows_no_eta_for_a_pressure_arm_where_eta_does_not_act(report):
     assert "| pressure | – | 0.5 |" in text
 
 
-def test_report_writes_one_heatmap_per_eta_p_grid_and_one_trajectory_plot_per_arm_as_linked_pngs(report):
+def test_report_writes_the_delta_strip_plot_training_curves_heatmaps_and_trajectories_as_linked_pngs(report):
     written, text = report
     names = sorted(path.name for path in written.plots)
-    assert names == ["heatmap_joint_mixtral-tiny_pt.png", "trajectory_joint_mixtral-tiny_pressure.png",
-                     "trajectory_joint_mixtral-tiny_pt.png"]
+    assert names == ["deltas_joint_mixtral-tiny.png", "heatmap_joint_mixtral-tiny_pt.png",
+                     "training_joint_mixtral-tiny_pressure.png", "training_joint_mixtral-tiny_pt-eta-0.01.png",
+                     "training_joint_mixtral-tiny_pt-eta-0.03.png", "training_joint_mixtral-tiny_pt-eta-0.png",
+                     "trajectory_joint_mixtral-tiny_pressure.png", "trajectory_joint_mixtral-tiny_pt.png"]
     for path in written.plots:
         assert path.read_bytes()[:8] == PNG_MAGIC
         assert f"](plots/{path.name})" in text
