@@ -223,7 +223,62 @@ def _run_report(args: argparse.Namespace) -> int:
     return 0
 
 
-_SUBCOMMANDS: list = [_add_inspect, _add_train, _add_sweep, _add_report]
+# ------------------------------------------------------------------ reproduce
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _add_reproduce(sub) -> None:
+    parser = sub.add_parser(
+        "reproduce", help="re-run some cells of a published run here and compare them with it",
+        description="Re-run N on-arm cells of a published run directory (each with its paired off arm) by the "
+                    "sweep's own code into a scratch directory, and compare: bit-identical (same numerics, "
+                    "equal loss, per-conversation losses and routing), else inside the published arm's 95% "
+                    "prediction interval for a new seed, else not reproduced (exit status 1). The published "
+                    "directory is only read.")
+    parser.add_argument("run_dir", help="a published run directory (config.yaml, manifest.json, cells/)")
+    parser.add_argument("--cells", type=_positive_int, required=True, metavar="N",
+                        help="on-arm cells to re-run (their off arms come on top); more than published: all")
+    parser.add_argument("--out", default=None, metavar="SCRATCH_DIR",
+                        help="new or empty directory for the re-run cells (default: a fresh temporary directory)")
+    parser.add_argument("--device", default=None,
+                        help="where the cells run (default: the published device if this machine has it, else cpu)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.set_defaults(func=_run_reproduce)
+
+
+def _run_reproduce(args: argparse.Namespace) -> int:
+    from chronovisor.eval.reproduce import (
+        describe_commit,
+        describe_numerics,
+        plan_reproduction,
+        run_reproduction,
+    )
+    from chronovisor.eval.rundir import git_commit
+
+    plan = plan_reproduction(args.run_dir, args.cells, out=args.out, device=args.device)
+    published = plan.published
+    where = f"{plan.scratch.path} (a fresh temporary directory)" if plan.scratch_is_temporary else f"{plan.scratch.path}"
+    print(f"reproducing {len(plan.chosen)} on-arm cells of {published.run_dir.path} (+ off arms: "
+          f"{len(plan.rerun_cells)} cells re-run) into {where}")
+    print(f"published: {describe_commit(published.manifest.get('git'))}; numerics "
+          + " | ".join(describe_numerics(values) for values in plan.published_numerics()))
+    print(f"here:      {describe_commit(git_commit())}; numerics {describe_numerics(plan.current_numerics())}", flush=True)
+    result = run_reproduction(plan, progress=not args.no_progress, command=sys.argv)
+    for check in result.checks:
+        print(check.line())
+    print(result.summary_line())
+    print(f"re-run cells: {plan.scratch.path}")
+    return 0 if result.ok else 1
+
+
+_SUBCOMMANDS: list = [_add_inspect, _add_train, _add_sweep, _add_report, _add_reproduce]
 
 
 def main(argv: list[str] | None = None) -> int:
