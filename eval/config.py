@@ -215,6 +215,19 @@ def parse_config(raw: Any, name: str = "sweep") -> SweepConfig:
     return config
 
 
+def parse_resolved(resolved: dict[str, Any], name: str = "sweep") -> SweepConfig:
+    """Validate a config a run directory saved (its ``config.yaml``, :attr:`SweepConfig.resolved`)
+    again: the generator fields go back directly under ``data`` (for synthetic data they carry
+    ``max_length``), then :func:`parse_config`."""
+    raw = dict(resolved)
+    data = dict(raw.get("data") or {})
+    generator = data.pop("generator", None) or {}
+    if data.get("source", DataSpec.source) == "synthetic":
+        data.pop("max_length", None)
+    raw["data"] = {**data, **generator}
+    return parse_config(raw, name=name)
+
+
 def _data(section: Any) -> DataSpec:
     """The data section: DataSpec fields and, next to them, the ConversationConfig (``generator``) fields.
 

@@ -36,7 +36,7 @@ import torch
 import yaml
 
 from chronovisor.eval import metrics
-from chronovisor.eval.config import SweepConfig, parse_config
+from chronovisor.eval.config import SweepConfig, parse_resolved
 from chronovisor.eval.errors import ConfigError, RunDirError
 from chronovisor.eval.record import CellRecord, numerics
 from chronovisor.eval.rundir import RESOLVED_CONFIG, RunDir
@@ -101,18 +101,6 @@ class Published:
         return None if on is None or off is None else (on, off)
 
 
-def resolved_to_raw(resolved: dict[str, Any]) -> dict[str, Any]:
-    """A resolved config (``config.yaml``) as config input again: the generator fields go back
-    directly under ``data`` (for synthetic data they carry ``max_length``)."""
-    raw = dict(resolved)
-    data = dict(raw.get("data") or {})
-    generator = data.pop("generator", None) or {}
-    if data.get("source", "synthetic") == "synthetic":
-        data.pop("max_length", None)
-    raw["data"] = {**data, **generator}
-    return raw
-
-
 def load_published(path: str | Path) -> Published:
     """Read and check a published run directory; :class:`RunDirError` naming the file otherwise.
 
@@ -133,7 +121,7 @@ def load_published(path: str | Path) -> Published:
     except ValueError:
         raise RunDirError(f"{run_dir.manifest_path}: not valid JSON") from None
     try:
-        config = parse_config(resolved_to_raw(yaml.safe_load(config_path.read_text()) or {}),
+        config = parse_resolved(yaml.safe_load(config_path.read_text()) or {},
                               name=run_dir.path.name)
     except yaml.YAMLError:
         raise RunDirError(f"{config_path}: not valid YAML") from None

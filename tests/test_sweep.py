@@ -253,3 +253,12 @@ def test_pretrained_frozen_config_runs_on_a_model_directory_with_jsonl(tmp_path,
     assert outcome.complete and len(outcome.ran) == 2
     text = write_report(tmp_path / "run").summary_path.read_text()
     assert "| frozen |" in text
+
+
+def test_a_saved_config_parses_back_to_the_same_hash_and_cells():
+    from chronovisor.eval.config import parse_resolved
+
+    config = parse_config(tiny_config(primary=["pt - off"], grid={"mode": ["placebo", "pt"]}))
+    again = parse_resolved(yaml.safe_load(yaml.safe_dump(config.resolved)))
+    assert again.config_hash == config.config_hash
+    assert [cell.cell_id for cell in again.cells()] == [cell.cell_id for cell in config.cells()]
