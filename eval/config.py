@@ -16,12 +16,15 @@ Schema (every key optional unless marked; unknown keys are errors)::
     grid:                                # PTConfig fields -> lists; a mapping or a list of them
       eta: [0.01, 0.015]                 # (a list is a union of grids, as sklearn's ParameterGrid)
       pressure_scale: [0.5, 1.0]
-      mode: [pt]                         # pressure | temperature | pt | loss_free (| off)
+      mode: [pt]                         # placebo | pressure | temperature | pt | loss_free
+                                     # | aux_loss (| off)
     batch_configs: 9                 # frozen only, opt-in: run up to 9 cells of a seed in one
                                      # stacked forward (a stack); default 1 = one at a time
 
-``mode: loss_free`` means DeepSeek's comparator (``dynamics=loss_free``, ``mode=pressure``). The
-off arm of every (model, seed) is always run, once, and shared by all cells of that seed.
+``mode: loss_free`` means DeepSeek's comparator (``dynamics=loss_free``, ``mode=pressure``).
+``mode: aux_loss`` is the standard baseline: the controller off, the model trained on CE plus its
+family's auxiliary load-balancing loss and router z-loss (``joint`` only; the other PTConfig fields
+of that grid combination do not apply to it). The off arm of every (model, seed) is always run, once, and shared by all cells of that seed.
 ``${NAME}`` (or ``${NAME:-default}``) in any string is replaced by the environment variable;
 ``--set key.sub=value`` (value parsed as YAML) edits the config before validation. Floats written
 ``1e-4`` (which YAML reads as a string) are accepted. Types are checked against the annotations of
@@ -50,6 +53,7 @@ from chronovisor.eval.config_types import build, check_value, field_types, secti
 from chronovisor.eval.errors import ConfigError
 from chronovisor.eval.overrides import apply_overrides, expand_env
 from chronovisor.eval.specs import (
+    AUX_LOSS,
     OFF,
     PROTOCOLS,
     VARIANTS,
@@ -61,6 +65,7 @@ from chronovisor.eval.specs import (
     TrainSpec,
     arm_name,
     stable_hash,
+    variant_arm,
     variant_config,
 )
 from chronovisor.eval.synthetic import ConversationConfig
@@ -121,11 +126,22 @@ class SweepConfig:
         return settings
 
     def pt_configs(self, seed: int) -> list[PTConfig]:
-        """The PTConfig of every on arm of ``seed``, in grid order."""
+        """The PTConfig of every controller arm of ``seed``, in grid order (not ``off``, not ``aux_loss``)."""
+        return [config for config, _ in self.arms(seed) if config is not None]
+
+    def arms(self, seed: int) -> list[tuple[PTConfig | None, str]]:
+        """``(pt_config, objective)`` of every arm of ``seed`` but the off arm, deduplicated, in grid
+        order (:func:`~chronovisor.eval.specs.variant_arm`; ``aux_loss`` is ``(None, "aux_loss")``)."""
         learnable = self.protocol == "controller_only"
-        return [variant_config(setting["mode"], **{k: v for k, v in setting.items() if k != "mode"}, seed=seed,
-                               learnable=learnable)
-                for setting in self.controller_settings() if setting["mode"] != OFF]
+        arms: list[tuple[PTConfig | None, str]] = []
+        for setting in self.controller_settings():
+            if setting["mode"] == OFF:
+                continue
+            fields = {k: v for k, v in setting.items() if k != "mode"}
+            arm = variant_arm(setting["mode"], **fields, seed=seed, learnable=learnable)
+            if arm not in arms:
+                arms.append(arm)
+        return arms
 
     def cells(self) -> list[CellSpec]:
         """Every cell of the sweep (on arms and their shared off arms), deduplicated, in a fixed order:
@@ -135,8 +151,8 @@ class SweepConfig:
             for model in self.models:
                 common = dict(protocol=self.protocol, model=model, seed=seed, data=self.data, train=self.train,
                               eval=self.eval, load=self.load)
-                for config in [None, *self.pt_configs(seed)]:
-                    cell = CellSpec(pt_config=config, **common)
+                for config, objective in [(None, "ce"), *self.arms(seed)]:
+                    cell = CellSpec(pt_config=config, objective=objective, **common)
                     cells.setdefault(cell.cell_id, cell)
         return list(cells.values())
 
@@ -264,7 +280,7 @@ def _primary(raw: dict[str, Any]) -> tuple[Contrast, ...]:
 
 def _check_primary(config: SweepConfig) -> None:
     """Every arm a primary contrast names must be exactly one setting of the grid (or ``off``)."""
-    arms = [arm_name(pt_config) for pt_config in config.pt_configs(config.seeds[0])]
+    arms = [arm_name(pt_config, objective) for pt_config, objective in config.arms(config.seeds[0])]
     for index, contrast in enumerate(config.primary):
         for arm in (contrast.arm, contrast.against):
             if arm != OFF and arms.count(arm) != 1:
@@ -379,13 +395,18 @@ def _stack_size(raw: dict[str, Any], protocol: str, evaluation: EvalSpec) -> int
 
 # ------------------------------------------------------------------------ cross-key checks
 def _check_arms(config: SweepConfig) -> None:
-    """At least one on arm, and every grid combination a valid PTConfig for the protocol."""
+    """At least one arm besides off, every grid combination a valid PTConfig for the protocol, and
+    ``aux_loss`` only where it can act (``joint``, models whose config has ``router_aux_loss_coef``)."""
     settings = config.controller_settings()
     if all(setting["mode"] == OFF for setting in settings):
-        raise ConfigError("grid.mode: no controller arm (only 'off'); list pressure, temperature, pt or loss_free")
+        raise ConfigError("grid.mode: no arm besides 'off'; list placebo, pressure, temperature, pt, loss_free "
+                          "or aux_loss")
     learnable = config.protocol == "controller_only"
     for setting in settings:
         if setting["mode"] == OFF:
+            continue
+        if setting["mode"] == AUX_LOSS:
+            _check_aux_loss(config)
             continue
         fields = {key: value for key, value in setting.items() if key != "mode"}
         try:
@@ -393,6 +414,19 @@ def _check_arms(config: SweepConfig) -> None:
         except ValueError as error:
             shown = ", ".join(f"{key}={value}" for key, value in setting.items())
             raise ConfigError(f"grid/controller ({shown}): {error}") from None
+
+
+def _check_aux_loss(config: SweepConfig) -> None:
+    """``mode: aux_loss`` trains the model weights on the router losses: ``joint`` only, and every
+    model's config must carry ``router_aux_loss_coef`` (hub ids are checked when loaded)."""
+    if config.protocol != "joint":
+        raise ConfigError(f"grid.mode: aux_loss needs protocol joint (protocol {config.protocol} trains no model "
+                          f"weights, so a router loss cannot act); remove it from the grid")
+    for model in config.models:
+        values = _model_config(model)
+        if values and values.get("router_aux_loss_coef") is None:
+            raise ConfigError(f"grid.mode: aux_loss needs router_aux_loss_coef in the config of {model} "
+                              f"(its family defines no auxiliary load-balancing loss)")
 
 
 def _check_fits(config: SweepConfig) -> None:

@@ -3,10 +3,20 @@
 Every protocol runs one arm at a time (see :mod:`.specs`); the two arms of a seed share the
 initial weights, the data and its order.
 
+Encoder–decoder models (Switch Transformers) are wrapped with ``stacks=("decoder",)`` in every
+protocol, stacked runs included (:func:`controller_stacks`): their encoder reads a single pad token
+(:mod:`.inputs`), so its routers would only add one-token rows to the usage statistics and pull
+the global temperature (after 10 ticks the encoder had counted 10 tokens against the decoder's
+2116, and the pressure sat pinned). The controller has one layer per decoder router
+(``model_info.num_layers`` is the decoder's count, ``model_info.stacks`` says so); the encoder
+routers run untouched. Decoder-only models hook every router, as before.
+
 ``joint``
     The reference protocol: a toy model trained from its seeded init with the controller live
     (AdamW, plain next-token CE, one tick per forward, ``train.steps`` steps over the training
-    conversations). The off arm trains the same init on the same batches in the same order.
+    conversations). The off arm trains the same init on the same batches in the same order. The
+    ``aux_loss`` arm is the off arm trained on CE plus the family's own router losses
+    (:mod:`.router_losses`); it is ``joint`` only, since the other protocols train no model weights.
 ``frozen``
     The base is frozen. Toy presets are first pretrained *without* a controller for
     ``train.pretrain_steps`` (:mod:`.bases`: deterministic per seed, identical for both arms,
@@ -40,6 +50,7 @@ from chronovisor.eval.inputs import (
     count_changed,
     group_mean_losses,
     in_order_batches,
+    is_encoder_decoder,
     load_conversations,
     model_inputs,
     repeat_groups,
@@ -49,9 +60,16 @@ from chronovisor.eval.inputs import (
     training_schedule,
 )
 from chronovisor.eval.record import ArmResult, CellRecord, ModelSummary, Pairing, TrainSummary
+from chronovisor.eval.router_losses import aux_loss_objective
 from chronovisor.eval.rundir import RunDir
-from chronovisor.eval.specs import CellSpec
-from chronovisor.eval.train_loop import Tick, train_steps, train_summary
+from chronovisor.eval.specs import AUX_LOSS, CellSpec
+from chronovisor.eval.train_loop import Tick, ce_objective, train_steps, train_summary
+
+
+def controller_stacks(model: torch.nn.Module) -> tuple[str, ...] | None:
+    """The router stacks a protocol hooks: ``("decoder",)`` for an encoder–decoder model (its encoder
+    reads one pad token), None (every router) for a decoder-only one."""
+    return ("decoder",) if is_encoder_decoder(model) else None
 
 
 # ------------------------------------------------------------------------- shared set-up
@@ -130,11 +148,13 @@ def warm_up(wrapped, batches: list[ModelInputs], groups: int, tick: Tick) -> Non
 
 
 def _joint_phase(cell: CellSpec, wrapped, conversations: Conversations, device: torch.device, tick: Tick) -> PhaseResult:
-    """Train model weights with the controller live (off arm: identity routing), one tick per step."""
+    """Train model weights with the controller live (off arm: identity routing), one tick per step;
+    the aux_loss arm minimises CE + the router losses."""
     schedule = training_schedule(len(conversations.train), cell.train.batch_size, cell.train.steps, cell.seed)
     wrapped.train()
+    objective = aux_loss_objective if cell.objective == AUX_LOSS else ce_objective
     losses = train_steps(wrapped, list(wrapped.model.parameters()), conversations.train, schedule, cell.train.lr,
-                         cell.train.weight_decay, device, after_step=tick)
+                         cell.train.weight_decay, device, after_step=tick, objective=objective)
     return PhaseResult(schedule_hash(schedule, conversations.train), train_summary(losses, cell.eval.trajectory_every))
 
 
@@ -191,7 +211,7 @@ def run_cell(cell: CellSpec, run_dir: RunDir | str | Path, device: torch.device 
     device = torch.device(device)
     prepared = prepare_cell(cell, RunDir.of(run_dir), device)
     config = cell.arm_config()
-    wrapped = chronovisor.wrap(prepared.base, config, step_mode="manual")
+    wrapped = chronovisor.wrap(prepared.base, config, step_mode="manual", stacks=controller_stacks(prepared.base))
     controller = wrapped.controller
     trajectory = FieldTrajectory(cell.eval.trajectory_every)
 
@@ -211,7 +231,7 @@ def run_cell(cell: CellSpec, run_dir: RunDir | str | Path, device: torch.device 
             offsets = {name: float(p.detach().abs().mean()) for name, p in controller.named_parameters()}
         fields = summarize_fields(controller, trajectory, offsets)
     record = CellRecord.build(
-        cell, pairing=Pairing(prepared.init_hash, phase.data_hash), model_info=ModelSummary.of(wrapped.info),
+        cell, pairing=Pairing(prepared.init_hash, phase.data_hash), model_info=ModelSummary.of(wrapped.info, controller_stacks(prepared.base)),
         heldout=heldout, loss_floor=prepared.conversations.loss_floor, baselines=prepared.conversations.baselines, train=phase.train, fields=fields,
         base_params_changed=phase.base_params_changed, device=device, wall_time_s=time.perf_counter() - started)
     return ArmResult(record, routing)

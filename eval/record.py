@@ -50,17 +50,25 @@ class Pairing:
 
 @dataclass
 class ModelSummary:
-    """The wrapped model's family and controller shape (``L`` MoE layers × ``E`` experts, top-k)."""
+    """The wrapped model's family and controller shape (``L`` MoE layers × ``E`` experts, top-k).
+
+    Attributes:
+        num_layers: the MoE layers the controller hooks (an encoder–decoder model: its decoder's).
+        stacks: the stacks the controller hooks when not every router (``["decoder"]`` for an
+            encoder–decoder model); left out (None) when every router is hooked.
+    """
 
     family: str
     num_layers: int
     num_experts: int
     top_k: int
+    stacks: list[str] | None = field(default=None, metadata=OPTIONAL)
 
     @classmethod
-    def of(cls, info: Any) -> ModelSummary:
-        """From a :class:`~chronovisor.wrappers.ModelInfo`."""
-        return cls(info.family, info.num_layers, info.num_experts, info.top_k)
+    def of(cls, info: Any, stacks: Any = None) -> ModelSummary:
+        """From a :class:`~chronovisor.wrappers.ModelInfo` and the ``stacks`` it was wrapped with."""
+        return cls(info.family, info.num_layers, info.num_experts, info.top_k,
+                   None if stacks is None else list(stacks))
 
 
 @dataclass

@@ -28,12 +28,20 @@ DATA_SOURCES = ("synthetic", "jsonl")
 OFF = "off"
 LOSS_FREE = "loss_free"
 PLACEBO = "placebo"
+#: The standard baseline arm: controller off (identity routing), trained on CE plus the family's own
+#: auxiliary load-balancing loss (and router z-loss) with the model config's coefficients
+#: (:mod:`.router_losses`). ``joint`` only: the other protocols train no model weights.
+AUX_LOSS = "aux_loss"
+#: Training objectives of an arm: plain next-token CE, or CE + the router losses (:data:`AUX_LOSS`).
+CE = "ce"
+OBJECTIVES = (CE, AUX_LOSS)
 #: The placebo arm's pressure scale: about one float32 rounding unit of a logit of order 1. The arm
 #: runs the whole controller path (hooks, re-selection, ticks) but its bias only changes how some
 #: logits round, so its Δloss is the protocol's own noise (in bfloat16 it is an exact no-op).
 PLACEBO_PRESSURE = 1e-7
-#: Every arm label of the package, in report order: the PTConfig modes, then DeepSeek's comparator.
-VARIANTS = (MODES[0], PLACEBO, *MODES[1:], LOSS_FREE)
+#: Every arm label of the package, in report order: the PTConfig modes, DeepSeek's comparator, then
+#: the auxiliary-loss baseline.
+VARIANTS = (MODES[0], PLACEBO, *MODES[1:], LOSS_FREE, AUX_LOSS)
 
 
 @dataclass(frozen=True)
@@ -86,7 +94,8 @@ class DataSpec:
 
 @dataclass(frozen=True)
 class TrainSpec:
-    """Optimisation settings (AdamW, plain next-token cross-entropy).
+    """Optimisation settings (AdamW, plain next-token cross-entropy; the ``aux_loss`` arm adds the
+    router losses, see :class:`CellSpec`).
 
     Attributes:
         steps: ``joint``: training steps of model and live controller; ``controller_only``: steps
@@ -160,14 +169,31 @@ class LoadSpec:
 
 
 def variant_config(label: str, **fields: Any) -> PTConfig:
-    """The PTConfig of an arm label (one of :data:`VARIANTS` but ``off``): a PTConfig mode,
-    ``placebo`` (``mode="pressure"`` at :data:`PLACEBO_PRESSURE`) or ``loss_free`` (DeepSeek's
-    auxiliary-loss-free sign rule: ``dynamics="loss_free"``, ``mode="pressure"``)."""
+    """The PTConfig of an arm label (one of :data:`VARIANTS` but ``off`` and ``aux_loss``): a PTConfig
+    mode, ``placebo`` (``mode="pressure"`` at :data:`PLACEBO_PRESSURE`) or ``loss_free`` (DeepSeek's
+    auxiliary-loss-free sign rule: ``dynamics="loss_free"``, ``mode="pressure"``).
+
+    ``aux_loss`` is not a controller but a training objective: see :func:`variant_arm`.
+    """
+    if label == AUX_LOSS:
+        raise ValueError("aux_loss is a training objective with the controller off, not a PTConfig; "
+                         "use variant_arm('aux_loss')")
     if label == LOSS_FREE:
         return PTConfig(**{**fields, "dynamics": LOSS_FREE, "mode": "pressure"})
     if label == PLACEBO:
         return PTConfig(**{**fields, "mode": "pressure", "pressure_scale": PLACEBO_PRESSURE})
     return PTConfig(**{**fields, "mode": label})
+
+
+def variant_arm(label: str, **fields: Any) -> tuple[PTConfig | None, str]:
+    """``(pt_config, objective)`` of any arm label of :data:`VARIANTS`: ``off`` is ``(None, "ce")``,
+    ``aux_loss`` is ``(None, "aux_loss")`` (controller off, so ``fields`` are ignored), every other
+    label is ``(variant_config(label, **fields), "ce")``. Inverse: :func:`arm_name`."""
+    if label == OFF:
+        return None, CE
+    if label == AUX_LOSS:
+        return None, AUX_LOSS
+    return variant_config(label, **fields), CE
 
 
 def variant_label(config: PTConfig) -> str:
@@ -201,9 +227,12 @@ class Contrast:
         return f"{self.arm} - {self.against}"
 
 
-def arm_name(config: PTConfig | None) -> str:
-    """How reports and ``primary:`` contrasts name an arm: ``off``, the variant label, and
-    ``+<dynamics>`` for a dynamics preset other than the reference's (e.g. ``pt+delayed``)."""
+def arm_name(config: PTConfig | None, objective: str = CE) -> str:
+    """How reports and ``primary:`` contrasts name an arm: ``off``, ``aux_loss`` (the objective
+    :data:`AUX_LOSS` with the controller off), the variant label, and ``+<dynamics>`` for a dynamics
+    preset other than the reference's (e.g. ``pt+delayed``)."""
+    if objective == AUX_LOSS:
+        return AUX_LOSS
     if config is None:
         return OFF
     label = variant_label(config)
@@ -221,9 +250,13 @@ class CellSpec:
         model: a toy preset name, a model directory or a hub id.
         seed: the seed of the weights, the data and the controller.
         pt_config: the controller of the on arm; None for the off arm (``mode="off"``: no
-            controller field matters). Stored under the key ``controller`` of
-            :meth:`relevant_settings`.
+            controller field matters) and for the ``aux_loss`` arm. Stored under the key
+            ``controller`` of :meth:`relevant_settings`.
         data, train, eval, load: the shared settings.
+        objective: the training objective, one of :data:`OBJECTIVES`: ``ce`` (every arm but one)
+            or ``aux_loss`` (the auxiliary-loss baseline arm: ``pt_config`` None, ``joint`` only).
+            Stored under the key ``objective`` of :meth:`relevant_settings` only when it is not
+            ``ce``, so the ids of every other arm are those they had before the key existed.
     """
 
     protocol: str
@@ -234,10 +267,19 @@ class CellSpec:
     train: TrainSpec = field(default_factory=TrainSpec)
     eval: EvalSpec = field(default_factory=EvalSpec)
     load: LoadSpec = field(default_factory=LoadSpec)
+    objective: str = CE
 
     def __post_init__(self) -> None:
         if self.protocol not in PROTOCOLS:
             raise ValueError(f"protocol must be one of {', '.join(PROTOCOLS)} (got {self.protocol!r})")
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)} (got {self.objective!r})")
+        if self.objective == AUX_LOSS:
+            if self.pt_config is not None:
+                raise ValueError("the aux_loss arm runs with the controller off: pt_config must be None")
+            if self.protocol != "joint":
+                raise ValueError(f"aux_loss needs protocol joint: protocol {self.protocol} trains no model weights, "
+                                 f"so a training loss on the router cannot act")
         if self.pt_config is not None:
             if self.pt_config.mode == OFF:
                 raise ValueError("an off arm has pt_config=None, not a PTConfig with mode='off'")
@@ -250,26 +292,29 @@ class CellSpec:
 
     @property
     def is_off(self) -> bool:
-        return self.pt_config is None
+        """The seed's off arm: no controller and the plain CE objective."""
+        return self.pt_config is None and self.objective == CE
 
     @property
     def variant(self) -> str:
+        if self.objective == AUX_LOSS:
+            return AUX_LOSS
         return OFF if self.pt_config is None else variant_label(self.pt_config)
 
     @property
     def arm(self) -> str:
         """The arm's name in reports and ``primary:`` contrasts (:func:`arm_name`)."""
-        return arm_name(self.pt_config)
+        return arm_name(self.pt_config, self.objective)
 
     def arm_config(self) -> PTConfig:
-        """The PTConfig this arm wraps the model with."""
+        """The PTConfig this arm wraps the model with (``mode="off"`` for the off and aux_loss arms)."""
         if self.pt_config is not None:
             return self.pt_config
         return PTConfig(mode=OFF, seed=self.seed, learnable=False)
 
     def paired_off(self) -> CellSpec:
         """The off arm paired with this cell (itself for an off arm)."""
-        return dataclasses.replace(self, pt_config=None)
+        return dataclasses.replace(self, pt_config=None, objective=CE)
 
     # --------------------------------------------------------------------- identity
     def relevant_settings(self) -> dict[str, Any]:
@@ -296,16 +341,22 @@ class CellSpec:
             data.pop("num_warmup")
         for name in unused:
             train.pop(name)
-        return {
+        # The aux_loss arm records the mode-off controller it is wrapped with (its fields are observed,
+        # never applied), so a report reads it like any on arm.
+        controller = None if self.is_off else self.arm_config().to_dict()
+        settings = {
             "protocol": self.protocol,
             "model": self.model,
             "seed": self.seed,
-            "controller": None if self.pt_config is None else self.pt_config.to_dict(),
+            "controller": controller,
             "data": data,
             "train": train,
             "eval": dataclasses.asdict(self.eval),
             "load": dataclasses.asdict(self.load),
         }
+        if self.objective != CE:
+            settings["objective"] = self.objective
+        return settings
 
     @property
     def digest(self) -> str:

@@ -7,7 +7,8 @@ wrapped once with a stacked controller (``PTController(L, E, K, [config_1, ..., 
 every batch is repeated C times along the batch axis (group c = configuration c). Off arms join as
 a ``mode="off"`` group (identity: b = 0, T = 1, bit-identical logits). Each cell gets the record
 and routing :func:`~chronovisor.eval.protocols.run_cell` gives it (up to float32 rounding: a
-C-times-larger batch may take other GEMM kernels).
+C-times-larger batch may take other GEMM kernels). Encoder–decoder models hook their decoder
+routers only, as in :func:`~chronovisor.eval.protocols.run_cell`.
 """
 
 from __future__ import annotations
@@ -22,7 +23,13 @@ from chronovisor.controllers.controller import PER_GROUP_FIELDS
 from chronovisor.eval.fields import FieldTrajectory, field_views, summarize_fields
 from chronovisor.eval.heldout import HeldoutAccumulator, heldout_batches, run_heldout
 from chronovisor.eval.inputs import count_changed, tensor_hashes
-from chronovisor.eval.protocols import check_base_unchanged, prepare_cell, warm_up, warmup_inputs
+from chronovisor.eval.protocols import (
+    check_base_unchanged,
+    controller_stacks,
+    prepare_cell,
+    warm_up,
+    warmup_inputs,
+)
 from chronovisor.eval.record import ArmResult, CellRecord, ModelSummary, Pairing
 from chronovisor.eval.rundir import RunDir
 from chronovisor.eval.specs import OFF, CellSpec, stable_hash
@@ -118,7 +125,8 @@ def run_cells_stacked(cells: list[CellSpec], run_dir: RunDir | str | Path, devic
         configs = [cell.pt_config if cell.pt_config is not None else
                    dataclasses.replace(shared or cell.arm_config(), mode=OFF, seed=cell.seed) for cell in stack]
         groups = len(configs)
-        wrapped = chronovisor.wrap(base, configs if groups > 1 else configs[0], step_mode="manual")
+        wrapped = chronovisor.wrap(base, configs if groups > 1 else configs[0], step_mode="manual",
+                                   stacks=controller_stacks(base))
         controller = wrapped.controller
         views = field_views(controller, groups)
         trajectories = [FieldTrajectory(first.eval.trajectory_every) for _ in stack]
@@ -135,7 +143,7 @@ def run_cells_stacked(cells: list[CellSpec], run_dir: RunDir | str | Path, devic
         for cell, accumulator, view, trajectory in zip(stack, accumulators, views, trajectories, strict=True):
             metrics, routing = accumulator.finish(cell.eval, wrapped.info.num_experts, cell.seed)
             fields = None if cell.is_off else summarize_fields(view, trajectory)
-            parts.append((cell, metrics, routing, fields, ModelSummary.of(wrapped.info)))
+            parts.append((cell, metrics, routing, fields, ModelSummary.of(wrapped.info, controller_stacks(base))))
         wrapped.unwrap()
     changed = count_changed(base, before)
     check_base_unchanged(first.protocol, changed)

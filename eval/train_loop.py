@@ -1,5 +1,10 @@
 """AdamW steps over a batch schedule (joint training, base pretraining, controller offsets) and the
-summary of the in-sample training loss."""
+summary of the in-sample training loss.
+
+A step minimises an *objective*: plain next-token CE (:func:`ce_objective`, every arm but one) or
+CE plus the router losses (:func:`~chronovisor.eval.router_losses.aux_loss_objective`, the
+``aux_loss`` arm). Either way the controller ticks on, and the curve records, the CE.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +13,7 @@ from collections.abc import Callable
 import torch
 
 from chronovisor.eval import data as data_lib
-from chronovisor.eval.inputs import mean_loss, model_inputs, model_of
+from chronovisor.eval.inputs import ModelInputs, mean_loss, model_inputs, model_of
 from chronovisor.eval.record import TrainSummary
 
 #: Final training steps averaged into the reported (in-sample) training loss, as in the reference's
@@ -16,6 +21,14 @@ from chronovisor.eval.record import TrainSummary
 TRAIN_LOSS_TAIL = 50
 #: ``tick(step, loss)``: one controller tick after a forward (and the field trajectory's sample).
 Tick = Callable[[int, torch.Tensor], None]
+#: ``objective(model, inputs) -> (loss to minimise, next-token CE)`` of one forward.
+Objective = Callable[[torch.nn.Module, ModelInputs], tuple[torch.Tensor, torch.Tensor]]
+
+
+def ce_objective(model: torch.nn.Module, inputs: ModelInputs) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain next-token CE: ``(CE, CE)``."""
+    loss = mean_loss(model, inputs)
+    return loss, loss
 
 
 def train_steps(
@@ -27,6 +40,7 @@ def train_steps(
     weight_decay: float,
     device: torch.device,
     after_step: Tick | None = None,
+    objective: Objective = ce_objective,
 ) -> list[float]:
     """AdamW over ``parameters`` on the scheduled batches; returns the per-step training losses.
 
@@ -36,17 +50,19 @@ def train_steps(
         batches, schedule: the conversations and the indices of each step's batch.
         lr, weight_decay: AdamW settings.
         device: where the inputs go.
-        after_step: ``after_step(step, loss)`` runs after each optimiser step (the controller's tick).
+        after_step: ``after_step(step, ce)`` runs after each optimiser step (the controller's tick).
+        objective: what each step minimises (:data:`Objective`; default plain CE). The returned
+            losses are the CE of each step.
     """
     optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=weight_decay)
     losses = []
     for step, indices in enumerate(schedule):
         inputs = model_inputs(model_of(model), batches.select(indices), device)
-        loss = mean_loss(model, inputs)
+        loss, ce = objective(model, inputs)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        detached = loss.detach()
+        detached = ce.detach()
         if after_step is not None:
             after_step(step, detached)
         losses.append(float(detached))
