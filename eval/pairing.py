@@ -27,7 +27,7 @@ import numpy as np
 from chronovisor.eval import metrics, stats
 from chronovisor.eval.record import CellRecord
 from chronovisor.eval.rundir import RunDir
-from chronovisor.eval.specs import LOSS_FREE, PLACEBO, VARIANTS
+from chronovisor.eval.specs import AUX_LOSS, LOSS_FREE, PLACEBO, VARIANTS
 
 #: PTConfig fields shown as their own columns; any other field that varies in a run gets one too.
 AXIS_FIELDS = ("eta", "pressure_scale")
@@ -102,8 +102,9 @@ class Setting:
 
     def acts(self, name: str) -> bool:
         """Whether η (``eta``) or P (``pressure_scale``) reaches the router in this arm: the pressure
-        and placebo arms deliver no temperature, the temperature arm no pressure, loss_free neither field."""
-        if self.variant == LOSS_FREE:
+        and placebo arms deliver no temperature, the temperature arm no pressure, loss_free and the
+        aux_loss arm (controller off, a router loss in training) neither field."""
+        if self.variant in (LOSS_FREE, AUX_LOSS):
             return False
         if name == "eta":
             return self.variant not in ("pressure", PLACEBO)
