@@ -16,6 +16,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+import safetensors.torch
 import torch
 
 from chronovisor.eval.inputs import Conversations, state_hash, training_schedule
@@ -24,6 +25,7 @@ from chronovisor.eval.specs import CellSpec, LoadSpec, model_tag, stable_hash
 from chronovisor.eval.train_loop import final_loss, train_steps
 
 BASE_INFO = "base.json"
+WEIGHTS_FILE = "model.safetensors"
 
 
 def build_model(model: str, seed: int, load: LoadSpec, device: torch.device) -> torch.nn.Module:
@@ -86,8 +88,7 @@ def pretrained_base(cell: CellSpec, conversations: Conversations, run_dir: RunDi
                              cell.train.weight_decay, device)
         directory.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-        with _quiet_transformers():
-            base.save_pretrained(staging)
+        _save_weights(base, staging)
         write_json(staging / BASE_INFO, {"key": key, "state_hash": state_hash(base), "final_train_loss": final_loss(losses)})
         try:
             staging.rename(directory)
@@ -99,3 +100,16 @@ def pretrained_base(cell: CellSpec, conversations: Conversations, run_dir: RunDi
     if state_hash(weights) != expected:
         raise RuntimeError(f"cached base {directory} does not match its recorded hash; delete it and rerun")
     return weights
+
+
+def _save_weights(model: torch.nn.Module, directory: Path) -> None:
+    """Write ``model`` as ``from_pretrained`` reads it (config.json + model.safetensors), from any process.
+
+    Not ``save_pretrained``: under an initialised ``torch.distributed`` group (a sweep launched with
+    ``accelerate launch``) transformers writes checkpoint files on rank 0 only, so another rank's
+    cache entry would hold no weights.
+    """
+    model.config.save_pretrained(directory)
+    safetensors.torch.save_model(model, str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
+    if not (directory / WEIGHTS_FILE).is_file():
+        raise RuntimeError(f"saving the pretrained base to {directory} wrote no {WEIGHTS_FILE}")

@@ -1,0 +1,49 @@
+"""Specification of the pretrained-base cache of the frozen protocols."""
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from conftest import TINY_WORLD
+
+from chronovisor.eval.bases import WEIGHTS_FILE, pretrained_base
+from chronovisor.eval.inputs import load_conversations, state_hash
+from chronovisor.eval.specs import CellSpec, DataSpec, TrainSpec
+
+CELL = CellSpec(protocol="frozen", model="mixtral-tiny", seed=0, pt_config=None,
+                data=DataSpec(num_train=2, num_heldout=1, num_warmup=1, generator=TINY_WORLD),
+                train=TrainSpec(pretrain_steps=2, lr=1e-2))
+
+
+def _cache_as_rank(rank: int, run_dir: str, port: int, results) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        torch.set_num_threads(1)
+        if rank == 1:  # only the second rank builds the cache entry
+            conversations = load_conversations(CELL.data, CELL.seed, CELL.model, CELL.protocol)
+            results.put(state_hash(pretrained_base(CELL, conversations, run_dir, torch.device("cpu"))))
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_base_cached_by_a_non_zero_rank_of_a_distributed_sweep_holds_its_weights(tmp_path):
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    context = mp.get_context("spawn")
+    results = context.SimpleQueue()
+    mp.start_processes(_cache_as_rank, args=(str(tmp_path), port, results), nprocs=2, start_method="spawn")
+    cached = next((tmp_path / "bases").iterdir())
+    assert (cached / WEIGHTS_FILE).is_file()
+    conversations = load_conversations(CELL.data, CELL.seed, CELL.model, CELL.protocol)
+    assert state_hash(pretrained_base(CELL, conversations, tmp_path, torch.device("cpu"))) == results.get()
+
+
+def test_a_cached_base_loads_back_bit_identical_to_the_trained_one(tmp_path):
+    conversations = load_conversations(CELL.data, CELL.seed, CELL.model, CELL.protocol)
+    first = pretrained_base(CELL, conversations, tmp_path, torch.device("cpu"))
+    again = pretrained_base(CELL, conversations, tmp_path, torch.device("cpu"))
+    assert state_hash(first) == state_hash(again)
+    assert len(list((tmp_path / "bases").iterdir())) == 1
