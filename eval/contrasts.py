@@ -28,7 +28,7 @@ from chronovisor.eval import stats
 from chronovisor.eval.pairing import Run, Setting, SettingSummary
 from chronovisor.eval.record import CellRecord
 from chronovisor.eval.rundir import RESOLVED_CONFIG
-from chronovisor.eval.specs import LOSS_FREE, OFF, PLACEBO, Contrast
+from chronovisor.eval.specs import OFF, PLACEBO, Contrast
 
 #: Significance level of the placebo's own t-test (MISCALIBRATED below it) and of the MDE.
 ALPHA = stats.DEFAULT_ALPHA
@@ -39,12 +39,6 @@ Group = tuple[str, str]  # (protocol, model)
 
 
 # ------------------------------------------------------------------------------- arms and groups
-def arm_of(setting: Setting) -> str:
-    """The setting's arm name as ``primary:`` contrasts write it (:func:`~.specs.arm_name`)."""
-    dynamics = setting.fields.get("dynamics", "reference")
-    return setting.variant + (f"+{dynamics}" if dynamics not in ("reference", LOSS_FREE) else "")
-
-
 def by_group(summaries: list[SettingSummary]) -> dict[Group, list[SettingSummary]]:
     """The summaries of each (protocol, model), in report order."""
     groups: dict[Group, list[SettingSummary]] = defaultdict(list)
@@ -59,8 +53,8 @@ def arm_labels(summaries: list[SettingSummary]) -> dict[Setting, str]:
     labels: dict[Setting, str] = {}
     for members in by_group(summaries).values():
         for member in members:
-            name = arm_of(member.setting)
-            same = [other.setting.fields for other in members if arm_of(other.setting) == name]
+            name = member.setting.arm
+            same = [other.setting.fields for other in members if other.setting.arm == name]
             varying = [key for key, _ in member.setting.controller
                        if len({repr(fields.get(key)) for fields in same}) > 1]
             labels[member.setting] = name + "".join(_field_label(key, member.setting.fields[key]) for key in varying)
@@ -154,7 +148,7 @@ class ContrastResult:
 def _arm_deltas(name: str, members: list[SettingSummary]) -> tuple[dict[int, float] | None, str]:
     if name == OFF:
         return None, ""
-    found = [member for member in members if arm_of(member.setting) == name]
+    found = [member for member in members if member.setting.arm == name]
     if not found:
         return None, f"arm '{name}' has no finished seeds"
     if len(found) > 1:
@@ -206,7 +200,7 @@ def exploratory_contrasts(declared: tuple[Contrast, ...], summaries: list[Settin
     """The :data:`AUTOMATIC` direct contrasts whose arms exist in a group and that were not declared."""
     results = []
     for group, members in by_group(summaries).items():
-        arms = [arm_of(member.setting) for member in members]
+        arms = [member.setting.arm for member in members]
         for contrast in AUTOMATIC:
             if contrast not in declared and contrast.arm in arms and contrast.against in arms:
                 results.append(evaluate_contrast(contrast, group, members))

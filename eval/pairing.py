@@ -24,10 +24,11 @@ from typing import Any
 
 import numpy as np
 
+from chronovisor.controllers import PTConfig
 from chronovisor.eval import metrics, stats
 from chronovisor.eval.record import CellRecord
 from chronovisor.eval.rundir import RunDir
-from chronovisor.eval.specs import AUX_LOSS, LOSS_FREE, PLACEBO, VARIANTS
+from chronovisor.eval.specs import AUX_LOSS, LOSS_FREE, PLACEBO, VARIANTS, arm_label
 
 #: PTConfig fields shown as their own columns; any other field that varies in a run gets one too.
 AXIS_FIELDS = ("eta", "pressure_scale")
@@ -78,6 +79,11 @@ class Setting:
     @property
     def fields(self) -> dict[str, Any]:
         return dict(self.controller)
+
+    @property
+    def arm(self) -> str:
+        """The arm's name as reports and ``primary:`` contrasts write it (:func:`~.specs.arm_name`)."""
+        return arm_label(self.variant, self.fields.get("dynamics", PTConfig().dynamics))
 
     @property
     def eta(self) -> float:

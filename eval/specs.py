@@ -235,10 +235,12 @@ def arm_name(config: PTConfig | None, objective: str = CE) -> str:
         return AUX_LOSS
     if config is None:
         return OFF
-    label = variant_label(config)
-    if config.dynamics not in (PTConfig().dynamics, LOSS_FREE):
-        label += f"+{config.dynamics}"
-    return label
+    return arm_label(variant_label(config), config.dynamics)
+
+
+def arm_label(variant: str, dynamics: str) -> str:
+    """An arm's name from its variant label and its dynamics preset (see :func:`arm_name`)."""
+    return variant + (f"+{dynamics}" if dynamics not in (PTConfig().dynamics, LOSS_FREE) else "")
 
 
 @dataclass(frozen=True)

@@ -77,7 +77,7 @@ def main_table(summaries: list[SettingSummary]) -> str:
 
 def _arm_name(setting: Setting) -> str:
     label = setting.reference_label
-    return f"{setting.variant} · {label}" if label else setting.variant
+    return f"{setting.arm} · {label}" if label else setting.arm
 
 
 def ablation_tables(run: Run, summaries: list[SettingSummary]) -> list[tuple[str, str]]:
