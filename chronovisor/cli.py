@@ -249,11 +249,16 @@ def _add_reproduce(sub) -> None:
                         help="new or empty directory for the re-run cells (default: a fresh temporary directory)")
     parser.add_argument("--device", default=None,
                         help="where the cells run (default: the published device if this machine has it, else cpu)")
+    parser.add_argument("--threads", type=_positive_int, default=None, metavar="N",
+                        help="torch intra-op threads for the re-run (default: the published cells' count when they "
+                             "agree on one, so that a bit-identical check is possible; else torch's default)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(func=_run_reproduce)
 
 
 def _run_reproduce(args: argparse.Namespace) -> int:
+    import torch
+
     from chronovisor.eval.reproduce import (
         describe_commit,
         describe_numerics,
@@ -264,6 +269,9 @@ def _run_reproduce(args: argparse.Namespace) -> int:
 
     plan = plan_reproduction(args.run_dir, args.cells, out=args.out, device=args.device)
     published = plan.published
+    threads = args.threads or plan.published_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
     where = f"{plan.scratch.path} (a fresh temporary directory)" if plan.scratch_is_temporary else f"{plan.scratch.path}"
     print(f"reproducing {len(plan.chosen)} on-arm cells of {published.run_dir.path} (+ off arms: "
           f"{len(plan.rerun_cells)} cells re-run) into {where}")

@@ -208,6 +208,11 @@ class Plan:
     def rerun_cells(self) -> list[CellSpec]:
         return [cell for stack in self.stacks for cell in stack]
 
+    def published_threads(self) -> int | None:
+        """The torch thread count of the published re-run cells, if they all ran with the same one."""
+        counts = {numerics.get("torch_threads") for numerics in self.published_numerics()}
+        return counts.pop() if len(counts) == 1 and None not in counts else None
+
     def published_numerics(self) -> list[dict[str, Any]]:
         """The distinct numerics of the published records of the re-run cells."""
         distinct: list[dict[str, Any]] = []

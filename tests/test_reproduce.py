@@ -211,3 +211,18 @@ def test_a_scratch_directory_inside_the_published_run_is_refused(copy):
         reproduce(str(copy), "--cells", "1", "--out", str(copy / "scratch"))
     assert "reproduce never writes there" in str(error.value.code)
     assert not (copy / "scratch").exists()
+
+
+def test_the_rerun_uses_the_published_thread_count_by_default(published, tmp_path, capsys):
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert cli.main(["reproduce", str(published), "--cells", "1", "--out", str(tmp_path / "re"),
+                         "--no-progress"]) == 0
+    finally:
+        torch.set_num_threads(previous)
+    assert "here:" in capsys.readouterr().out
+    record = json.loads(next((tmp_path / "re" / "cells").glob("*.json")).read_text())
+    assert record["numerics"]["torch_threads"] == 1
