@@ -53,3 +53,17 @@ def switch_tiny_inputs():
 TINY_WORLD = dict(vocab_size=64, phase_vocab_size=12, topic_vocab_size=8, min_turn_length=4, max_turn_length=8,
                   min_length=32, max_length=56)
 
+
+
+@pytest.fixture(scope="module")
+def generator():
+    """The default synthetic world (``ConversationConfig()``), sample seed 3; one per test module."""
+    from chronovisor.eval.synthetic import ConversationConfig, ConversationGenerator
+
+    return ConversationGenerator(ConversationConfig(), seed=3)
+
+
+@pytest.fixture(scope="module")
+def batch(generator):
+    """16 conversations of :func:`generator`."""
+    return generator.sample(16)

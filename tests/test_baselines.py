@@ -11,15 +11,6 @@ from chronovisor.eval.synthetic import ConversationConfig, ConversationGenerator
 CONFIG = ConversationConfig()
 
 
-@pytest.fixture(scope="module")
-def generator():
-    return ConversationGenerator(CONFIG, seed=3)
-
-
-@pytest.fixture(scope="module")
-def batch(generator):
-    return generator.sample(16)
-
 
 # ----------------------------------------------------------------------------------------------
 # Loss floor

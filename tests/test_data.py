@@ -1,23 +1,13 @@
 """Specification of the conversation batch: padding, the label convention, selection, splits and iteration."""
 
-import pytest
 import torch
 import torch.nn.functional as F
 
 from chronovisor.eval.data import IGNORE_INDEX, PAD_ID, iterate_batches, next_token_labels, split_batch
-from chronovisor.eval.synthetic import ConversationConfig, ConversationGenerator
+from chronovisor.eval.synthetic import ConversationConfig
 
 CONFIG = ConversationConfig()
 
-
-@pytest.fixture(scope="module")
-def generator():
-    return ConversationGenerator(CONFIG, seed=3)
-
-
-@pytest.fixture(scope="module")
-def batch(generator):
-    return generator.sample(16)
 
 
 def test_padding_is_masked_everywhere(batch):

@@ -9,15 +9,6 @@ from chronovisor.eval.synthetic import PHASES, ConversationConfig, ConversationG
 CONFIG = ConversationConfig()
 
 
-@pytest.fixture(scope="module")
-def generator():
-    return ConversationGenerator(CONFIG, seed=3)
-
-
-@pytest.fixture(scope="module")
-def batch(generator):
-    return generator.sample(16)
-
 
 # ----------------------------------------------------------------------------------------------
 # Determinism and seeds
