@@ -23,8 +23,7 @@ def _group_key(summary: SettingSummary, extra: list[str]) -> tuple:
 
 def _slug(parts: tuple) -> str:
     protocol, model, variant, rest = parts
-    text = "_".join([protocol, Path(model).name, variant] + [f"{key}-{value}" for key, value in rest])
-    return "".join(c if c.isalnum() or c in "-._" else "-" for c in text)
+    return _file_slug("_".join([protocol, Path(model).name, variant] + [f"{key}-{value}" for key, value in rest]))
 
 
 def plot_heatmaps(summaries: list[SettingSummary], plots_dir: Path) -> list[Path]:
@@ -80,12 +79,17 @@ def plot_heatmaps(summaries: list[SettingSummary], plots_dir: Path) -> list[Path
 def _save_figure(figure, plots_dir: Path, kind: str, key: tuple, subtitle: str) -> Path:
     """Title a group's figure (protocol · model · arm · varying fields · subtitle), save it as
     ``plots_dir/<kind>_<group>.png`` and close it."""
-    import matplotlib.pyplot as plt
 
     figure.suptitle(f"{key[0]} · {Path(key[1]).name} · {key[2]}" + "".join(f" · {k}={v}" for k, v in key[3])
                     + f" · {subtitle}", fontsize=10)
+    return _write(figure, plots_dir / f"{kind}_{_slug(key)}.png")
+
+
+def _write(figure, path: Path) -> Path:
+    """Lay out, save (PNG, 110 dpi) and close ``figure``."""
+    import matplotlib.pyplot as plt
+
     figure.tight_layout()
-    path = plots_dir / f"{kind}_{_slug(key)}.png"
     figure.savefig(path, dpi=110)
     plt.close(figure)
     return path
@@ -170,11 +174,7 @@ def plot_deltas(summaries: list[SettingSummary], plots_dir: Path) -> list[Path]:
         axis.set_title(f"{protocol} · {Path(model).name} · per-seed Δloss % (bar = mean)", fontsize=10)
         if floor is not None:
             axis.legend(fontsize=7, loc="best")
-        figure.tight_layout()
-        path = plots_dir / f"deltas_{_file_slug(f'{protocol}_{Path(model).name}')}.png"
-        figure.savefig(path, dpi=110)
-        plt.close(figure)
-        paths.append(path)
+        paths.append(_write(figure, plots_dir / f"deltas_{_file_slug(f'{protocol}_{Path(model).name}')}.png"))
     return paths
 
 
@@ -202,9 +202,6 @@ def plot_training(summaries: list[SettingSummary], plots_dir: Path) -> list[Path
         axis.set_title(f"{summary.setting.protocol} · {Path(summary.setting.model).name} · {label} vs off "
                        "(band = min–max over seeds)", fontsize=9)
         axis.legend(fontsize=7)
-        figure.tight_layout()
-        path = plots_dir / f"training_{_file_slug(f'{summary.setting.protocol}_{Path(summary.setting.model).name}_{label}')}.png"
-        figure.savefig(path, dpi=110)
-        plt.close(figure)
-        paths.append(path)
+        slug = _file_slug(f"{summary.setting.protocol}_{Path(summary.setting.model).name}_{label}")
+        paths.append(_write(figure, plots_dir / f"training_{slug}.png"))
     return paths
