@@ -11,7 +11,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,10 +20,12 @@ import torch
 from torch import nn
 
 from chronovisor.controllers import PTConfig, PTController
+from chronovisor.peft_support import adapter_parameters, has_adapter, is_peft_model, load_adapter
 from chronovisor.wrappers import Attachment, ModelInfo, Routers, build_toy, discover, list_presets
 
-#: ``step_mode`` values: ``"auto"`` steps the controller after every call, ``"manual"`` leaves it to the caller.
-STEP_MODES = ("auto", "manual")
+#: ``step_mode`` values: ``"auto"`` steps the controller after every call, ``"manual"`` leaves it to the
+#: caller, ``"optimizer"`` steps once per optimizer step and freezes the controller in eval mode (trainers).
+STEP_MODES = ("auto", "manual", "optimizer")
 
 
 @dataclass
@@ -59,7 +61,16 @@ class ChronovisorModel(nn.Module):
     the HF config and ``wrapped.base_model`` is the HF backbone, transformers' meaning of the name).
     With ``step_mode="auto"`` the controller steps once after every forward (passing
     ``outputs.loss`` when there is one) and once after every ``generate`` call; with
-    ``step_mode="manual"`` the caller runs ``model.controller.step()``.
+    ``step_mode="manual"`` the caller runs ``model.controller.step()``. ``step_mode="optimizer"``
+    is for training loops and transformers' Trainer (:class:`~chronovisor.trainer.ChronovisorCallback`
+    sets it): in training mode every forward is observed and :meth:`optimizer_step` steps the
+    controller once per optimizer step; in eval mode (``model.eval()``) the controller is frozen:
+    the routers are steered by its current fields, it observes nothing and never steps.
+
+    ``state_dict()`` holds what training can change: the controller (state, offsets, tick) and the
+    base parameters that require grad (PEFT adapter weights, or all of them when the base is not
+    frozen, tied weights once); frozen base weights are left out, as from a PEFT adapter, and
+    ``load_state_dict`` does not count them as missing.
 
     Args:
         model: the transformers MoE model.
@@ -87,6 +98,10 @@ class ChronovisorModel(nn.Module):
         self.attachment: Attachment = (routers or discover(model)).attach(controller)
         self.info: ModelInfo = self.attachment.info
         self.step_mode = step_mode
+        self._controller_trainable = any(p.requires_grad for p in controller.parameters())
+        self._pending_loss: torch.Tensor | None = None
+        self.register_state_dict_post_hook(_leave_out_frozen_base)
+        self.register_load_state_dict_post_hook(_allow_left_out_base)
 
     # -------------------------------------------------------------- forwarding
     @property
@@ -100,14 +115,68 @@ class ChronovisorModel(nn.Module):
             raise ValueError(f"step_mode must be one of {', '.join(map(repr, STEP_MODES))}, got {value!r}")
         self._step_mode = value
 
+    @property
+    def controller_trainable(self) -> bool:
+        """Whether the controller's learnable offsets are meant to train (True after ``wrap`` of a
+        learnable config); assigning sets their ``requires_grad``. A training forward raises if
+        they were frozen behind this flag's back (as ``get_peft_model`` does)."""
+        return self._controller_trainable
+
+    @controller_trainable.setter
+    def controller_trainable(self, value: bool) -> None:
+        self.attachment.controller.requires_grad_(bool(value))
+        self._controller_trainable = bool(value) and any(True for _ in self.attachment.controller.parameters())
+
     def _after_call(self, loss: torch.Tensor | None) -> None:
         if self._step_mode == "auto" and self.attachment.enabled:
             self.controller.step(loss=loss)
 
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        outputs = self.model(*args, **kwargs)
-        self._after_call(getattr(outputs, "loss", None))
+    def _check_controller(self) -> None:
+        """Refuse the two ways PEFT can silently cut the controller out of training."""
+        if self._modules["controller"] is not self.attachment.controller:
+            raise ValueError(
+                f"the controller was replaced by a {type(self._modules['controller']).__name__} (PEFT's "
+                f"modules_to_save=['controller'] trains a copy that the router hooks never use): leave 'controller' "
+                f"out of modules_to_save; after get_peft_model call "
+                f"chronovisor.peft_support.restore_controller_training(peft_model) (ChronovisorCallback does it "
+                f"under the Trainer) and save the controller with the ChronovisorModel's save_pretrained")
+        if (self._controller_trainable and self.training and torch.is_grad_enabled()
+                and not all(p.requires_grad for p in self.attachment.controller.parameters())):
+            raise RuntimeError(
+                "the controller's offsets were frozen after wrapping (get_peft_model freezes every parameter that "
+                "is not an adapter): call chronovisor.peft_support.restore_controller_training(peft_model) before "
+                "building the optimizer (ChronovisorCallback does it under the Trainer), or set "
+                "model.controller_trainable = False to freeze them on purpose")
+
+    def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None, *,
+                labels: torch.Tensor | None = None, decoder_input_ids: torch.Tensor | None = None,
+                decoder_attention_mask: torch.Tensor | None = None, **kwargs: Any) -> Any:
+        """The wrapped model's forward; the named arguments are passed on when given.
+
+        They are spelled out so that transformers' Trainer keeps these dataset columns and finds
+        ``labels`` (its ``eval_loss``) with default ``TrainingArguments``; everything else goes
+        through ``kwargs``.
+        """
+        named = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
+                 "decoder_input_ids": decoder_input_ids, "decoder_attention_mask": decoder_attention_mask}
+        kwargs.update({name: value for name, value in named.items() if value is not None})
+        self._check_controller()
+        per_optimizer_step = self._step_mode == "optimizer"
+        with self.attachment.frozen() if per_optimizer_step and not self.training else nullcontext():
+            outputs = self.model(**kwargs)
+        loss = getattr(outputs, "loss", None)
+        if not per_optimizer_step:
+            self._after_call(loss)
+        elif self.training and self.attachment.enabled:
+            self._pending_loss = loss.detach() if torch.is_tensor(loss) else None
         return outputs
+
+    def optimizer_step(self) -> None:
+        """One controller step after an optimizer step (``step_mode="optimizer"``), with the loss of
+        the last training forward (what :class:`~chronovisor.trainer.ChronovisorCallback` calls)."""
+        if self.attachment.enabled:
+            self.controller.step(loss=self._pending_loss)
+        self._pending_loss = None
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
         """``model.generate``; every decoding step is observed, the controller steps once after."""
@@ -146,8 +215,15 @@ class ChronovisorModel(nn.Module):
         record.weights = host.get("weights", [])
 
     def freeze_base(self) -> ChronovisorModel:
-        """``requires_grad_(False)`` on every base parameter: only the controller can train."""
-        self.model.requires_grad_(False)
+        """``requires_grad_(False)`` on every base parameter: only the controller can train.
+
+        On a PEFT model the adapter weights (and ``modules_to_save`` copies) keep their
+        ``requires_grad``: adapter and controller train together.
+        """
+        keep = {id(p) for p in adapter_parameters(self.model)} if is_peft_model(self.model) else set()
+        for parameter in self.model.parameters():
+            if id(parameter) not in keep:
+                parameter.requires_grad_(False)
         return self
 
     def trainable_parameters(self) -> tuple[int, int]:
@@ -169,12 +245,38 @@ class ChronovisorModel(nn.Module):
         self.attachment.remove()
         return self.model
 
+    def merge_and_unload(self, *args: Any, **kwargs: Any) -> ChronovisorModel:
+        """Merge the PEFT adapter into the base weights and keep the controller.
+
+        Runs ``PeftModel.merge_and_unload(*args, **kwargs)`` and returns a new ChronovisorModel of
+        the merged transformers model with this controller (same routers, same step mode); this
+        wrapper's hooks are removed. ``unwrap().merge_and_unload()`` gives the plain merged model.
+        """
+        if not is_peft_model(self.model):
+            raise ValueError(f"merge_and_unload: the wrapped {type(self.model).__name__} is not a PEFT model, so there "
+                             f"is no adapter to merge; unwrap() returns the base model")
+        stacks = tuple(dict.fromkeys(self.info.router_stacks))
+        self.attachment.remove()
+        merged = self.model.merge_and_unload(*args, **kwargs)
+        return ChronovisorModel(merged, self.controller, self._step_mode, routers=discover(merged, stacks=stacks))
+
+    def get_extra_state(self) -> torch.Tensor:
+        """The controller's tick count, kept in ``state_dict()`` so that a resumed run keeps its schedule."""
+        return torch.tensor(self.attachment.controller.ticks, dtype=torch.int64)
+
+    def set_extra_state(self, state: torch.Tensor) -> None:
+        self.attachment.controller.ticks = int(state)
+
     def save_pretrained(self, directory: str | Path) -> Path:
-        """Write the controller only: ``controller.safetensors`` + ``controller_config.json``.
+        """Write the controller: ``controller.safetensors`` + ``controller_config.json``.
 
         The JSON also records the base model's name or path, the family, the router paths and the
-        versions of chronovisor, torch, transformers and accelerate.
+        versions of chronovisor, torch, transformers and accelerate. When the wrapped model is a
+        PEFT model its adapter is written into the same directory (PEFT's ``save_pretrained``), so
+        :meth:`from_pretrained` restores both; the base weights are never written.
         """
+        if is_peft_model(self.model):
+            self.model.save_pretrained(str(directory))
         import accelerate
         import transformers
 
@@ -201,17 +303,20 @@ class ChronovisorModel(nn.Module):
         """Wrap ``model`` with the controller saved in ``directory``.
 
         The saved config is used as is. Raises ValueError naming the mismatch when the controller
-        was saved for another shape (layers, experts, top-k) or family.
+        was saved for another shape (layers, experts, top-k) or family. When ``directory`` also
+        holds a PEFT adapter (saved from a wrapped PEFT model) it is loaded onto ``model`` first.
 
         Args:
             model: the transformers model.
             directory: written by :meth:`save_pretrained`.
-            is_trainable: keep the learnable offsets (if any) trainable; False freezes them.
+            is_trainable: keep the learnable offsets (if any) and the adapter trainable; False freezes them.
             step_mode: ``"auto"`` or ``"manual"`` (see :class:`ChronovisorModel`).
             stacks: hook only the routers of these stacks, as when the controller was saved
                 (see :func:`chronovisor.wrappers.discover`).
         """
         saved = PTController.read_description(directory)
+        if has_adapter(directory) and not is_peft_model(model):
+            model = load_adapter(model, directory, is_trainable)
         routers = discover(model, stacks=stacks)
         info = routers.info
         if saved.get("family") not in (None, info.family):
@@ -224,6 +329,47 @@ class ChronovisorModel(nn.Module):
         controller = PTController.load(directory, map_location=_execution_device(info))
         controller.requires_grad_(is_trainable)
         return cls(model, controller, step_mode, routers=routers)
+
+
+def find_wrapper(model: nn.Module) -> ChronovisorModel:
+    """The :class:`ChronovisorModel` that ``model`` is or contains (e.g. under a PEFT model).
+
+    Args:
+        model: a ChronovisorModel or a module holding one.
+    """
+    for module in model.modules():
+        if isinstance(module, ChronovisorModel):
+            return module
+    raise ValueError(f"{type(model).__name__} holds no ChronovisorModel: wrap the model with chronovisor.wrap(...) "
+                     f"(before or after get_peft_model) first")
+
+
+def _leave_out_frozen_base(module: ChronovisorModel, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+    """State-dict post-hook: drop frozen base parameters and second names of shared tensors (tied weights)."""
+    frozen = {f"{prefix}model.{name}" for name, parameter in module.model.named_parameters(remove_duplicate=False)
+              if not parameter.requires_grad}
+    storages: set[int] = set()
+    for key in [key for key in state_dict if key.startswith(prefix)]:
+        tensor = state_dict[key]
+        if key in frozen:
+            del state_dict[key]
+        elif torch.is_tensor(tensor) and tensor.device.type != "meta" and tensor.numel():
+            storage = tensor.untyped_storage().data_ptr()
+            if storage in storages:
+                del state_dict[key]
+            storages.add(storage)
+
+
+def _allow_left_out_base(module: ChronovisorModel, incompatible_keys: Any) -> None:
+    """Load-state-dict post-hook: what :func:`_leave_out_frozen_base` leaves out is not missing."""
+    kept = set(module.state_dict())
+    left_out = {f"model.{name}" for name in module.model.state_dict()} - kept
+    if not left_out:
+        return
+    incompatible_keys.missing_keys[:] = [
+        key for key in incompatible_keys.missing_keys
+        if not any(key[start:] in left_out for start in [0] + [i + 1 for i, c in enumerate(key) if c == "."])
+    ]
 
 
 def wrap(model: nn.Module, config: PTConfig | None = None, *, step_mode: str = "auto",
@@ -239,8 +385,9 @@ def wrap(model: nn.Module, config: PTConfig | None = None, *, step_mode: str = "
         config: the controller's :class:`~chronovisor.controllers.PTConfig` (default: ``PTConfig()``),
             or a sequence of them for a stacked controller.
         step_mode: ``"auto"`` steps the controller after every forward / ``generate``; ``"manual"``
-            leaves ``model.controller.step()`` to the caller.
-        freeze_base: ``requires_grad_(False)`` on every parameter of ``model`` (controller-only training).
+            leaves ``model.controller.step()`` to the caller; ``"optimizer"`` see :class:`ChronovisorModel`.
+        freeze_base: ``requires_grad_(False)`` on every parameter of ``model`` (controller-only
+            training); on a PEFT model the adapter weights stay trainable.
         stacks: hook only the routers of these stacks, e.g. ``("decoder",)`` to leave Switch
             Transformers' encoder routers out; the controller then has one layer per hooked router.
             None hooks every router. An unknown stack raises a ValueError listing the valid ones.

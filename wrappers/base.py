@@ -345,14 +345,17 @@ class Attachment:
     While :attr:`enabled` (the default) every router call is modulated, re-selected and observed.
     Inside :meth:`disabled` the hooks hand HF's output through untouched (bit-exact base model),
     the controller observes nothing, and an active recorder still records HF's own routing, so
-    paired on/off evaluation measures both arms the same way. The controller's ``step()`` is the
-    caller's job (once per forward, or per turn).
+    paired on/off evaluation measures both arms the same way. Inside :meth:`frozen` the routers
+    are steered as usual but the controller observes nothing (evaluation that must leave the
+    controller as it was). The controller's ``step()`` is the caller's job (once per forward, or
+    per turn).
     """
 
     def __init__(self, model: nn.Module, controller: PTController, adapter: FamilyAdapter,
                  sites: list[RouterSite], info: ModelInfo):
         self.model, self.controller, self.adapter, self.sites, self.info = model, controller, adapter, sites, info
         self._enabled = True
+        self._observing = True
         self._recorder: RoutingRecorder | None = None
         self._masks: dict[str, torch.Tensor | None] = {}                # mask source path -> [B, S] mask
         self._mask_cache: dict[tuple, torch.Tensor] = {}
@@ -384,6 +387,15 @@ class Attachment:
             yield self
         finally:
             self._enabled = previous
+
+    @contextmanager
+    def frozen(self) -> Iterator[Attachment]:
+        """Steer the routers inside the block without adding anything to the controller's counts."""
+        previous, self._observing = self._observing, False
+        try:
+            yield self
+        finally:
+            self._observing = previous
 
     @contextmanager
     def record_routing(self, keep_weights: bool = True) -> Iterator[RoutingRecorder]:
@@ -502,7 +514,8 @@ class Attachment:
             if _recomputing_in_backward():       # activation checkpointing re-runs the forward:
                 return new_output                # same routing again, but it must not count twice
             mask = self.token_mask(site, routing.expert_index.shape[0], routing.expert_index.device)
-            controller.observe(layer, routing.expert_index.detach(), routing.weights.detach(), mask)
+            if self._observing:
+                controller.observe(layer, routing.expert_index.detach(), routing.weights.detach(), mask)
             if self._recorder is not None:
                 self._recorder.append(layer, routing, mask)
             return new_output
