@@ -76,6 +76,12 @@ def _controller_config(args: argparse.Namespace, **fixed):
         raise SystemExit(f"invalid controller config: {error}") from None
 
 
+def _add_log_with(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--log-with", default=None, choices=("tensorboard", "trackio"),
+                        help="log to this accelerate tracker (TensorBoard: under --out/logs; trackio: its local "
+                             "database); default: no tracking")
+
+
 # ------------------------------------------------------------------ inspect
 def _add_inspect(sub) -> None:
     parser = sub.add_parser("inspect", help="show a model's MoE routers, experts, top-k and parameters")
@@ -121,6 +127,7 @@ def _add_train(sub) -> None:
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--lr", type=float, default=0.05)
     parser.add_argument("--log-every", type=int, default=10)
+    _add_log_with(parser)
     parser.set_defaults(func=_run_train)
 
 
@@ -148,8 +155,10 @@ def _training_batches(args: argparse.Namespace, model) -> list[dict]:
 
 def _run_train(args: argparse.Namespace) -> int:
     import json
+    from pathlib import Path
 
     import chronovisor
+    from chronovisor.eval.tracking import tracking_accelerator
     from chronovisor.training import TrainConfig, train_controller
 
     config = _controller_config(args, learnable=True)
@@ -159,8 +168,11 @@ def _run_train(args: argparse.Namespace) -> int:
                          "pass --data for an encoder-decoder model")
     model.print_trainable_parameters()
     batches = _training_batches(args, model)
+    accelerator = tracking_accelerator(args.log_with, Path(args.out) / "logs", "chronovisor-train",
+                                       {"model": args.model, "steps": args.steps, "lr": args.lr, **config.to_dict()})
     log = train_controller(model, batches, TrainConfig(steps=args.steps, learning_rate=args.lr,
-                                                       log_every=args.log_every))
+                                                       log_every=args.log_every), accelerator=accelerator)
+    accelerator.end_training()
     out = model.save_pretrained(args.out)
     (out / "training_log.json").write_text(json.dumps(log, indent=2) + "\n")
     size = sum(f.stat().st_size for f in out.iterdir())
@@ -182,6 +194,7 @@ def _add_sweep(sub) -> None:
                              "--set model=/path/to/model (value parsed as YAML; repeatable)")
     parser.add_argument("--dry-run", action="store_true", help="validate and list the cells (done/todo), run nothing")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_log_with(parser)
     parser.set_defaults(func=_run_sweep)
 
 
@@ -197,11 +210,91 @@ def _run_sweep(args: argparse.Namespace) -> int:
         print(describe_cells(config, run_dir if run_dir.path.is_dir() else None))
         return 0
     process_index, num_processes, device = distributed_shard()
+    on_cell = None
+    if args.log_with is not None:
+        from chronovisor.eval.tracking import log_cell, tracking_accelerator
+
+        accelerator = tracking_accelerator(args.log_with, run_dir.path / "logs", f"chronovisor-sweep-{config.name}",
+                                           {"config_hash": config.config_hash, "cells": len(config.cells())})
+        finished: list = []
+
+        def on_cell(record) -> None:
+            log_cell(accelerator, record, len(finished))
+            finished.append(record.cell_id)
+
     outcome = run_sweep(config, run_dir, process_index=process_index, num_processes=num_processes,
-                        device=device, progress=not args.no_progress, command=sys.argv)
+                        device=device, progress=not args.no_progress, command=sys.argv, on_cell=on_cell)
+    if args.log_with is not None:
+        accelerator.end_training()
     print(f"[{process_index + 1}/{num_processes}] ran {len(outcome.ran)} cells, skipped {len(outcome.skipped)} "
           f"finished; run {'complete' if outcome.complete else 'incomplete'} ({outcome.total_cells} cells) "
           f"in {outcome.run_dir}", file=sys.stderr)
+    return 0
+
+
+# ------------------------------------------------------------------ eval
+def _add_eval(sub) -> None:
+    parser = sub.add_parser(
+        "eval", help="held-out perplexity with the controller on and off on the same tokens",
+        description="Perplexity of MODEL on --data with the controller on and off (same tokens, same batches), and "
+                    "the per-sequence paired difference of the mean NLL per token with a t-interval. The controller "
+                    "from --controller is frozen (no step) unless --online; without --controller a fresh one "
+                    "(--eta, --pressure-scale, ...) steps after every batch. Prints the JSON (or writes --out) "
+                    "and one table line.")
+    _add_model_arguments(parser)
+    _add_controller_arguments(parser)
+    parser.add_argument("--controller", default=None, metavar="DIR",
+                        help="a saved controller (save_pretrained); its saved config wins over --eta etc.")
+    parser.add_argument("--data", required=True, metavar="FILE",
+                        help='held-out data: JSON lines {"turns": [...]} (.jsonl/.json) or plain text, one '
+                             "sequence per line (loaded with datasets, local files only)")
+    parser.add_argument("--tokenizer", default=None, metavar="DIR",
+                        help="local tokenizer directory (default: the model directory)")
+    parser.add_argument("--max-length", type=int, default=512, help="tokens per sequence (default 512)")
+    parser.add_argument("--batch-size", type=int, default=8, help="sequences per forward (default 8)")
+    parser.add_argument("--online", action="store_true",
+                        help="step the controller after every batch (default for a fresh controller)")
+    parser.add_argument("--out", default=None, metavar="FILE", help="write the JSON here instead of printing it")
+    parser.set_defaults(func=_run_eval)
+
+
+def _run_eval(args: argparse.Namespace) -> int:
+    import dataclasses
+    import json
+    from pathlib import Path
+
+    import chronovisor
+    from chronovisor.eval.perplexity import compare_perplexity
+    from chronovisor.eval.text_datasets import as_conversation_batch, load_lm_dataset, local_tokenizer
+
+    if args.batch_size < 1:
+        raise SystemExit(f"chronovisor eval: --batch-size must be at least 1 (got {args.batch_size})")
+    tokenizer_dir = args.tokenizer or args.model
+    if not Path(tokenizer_dir).is_dir():
+        raise SystemExit(f"chronovisor eval: --tokenizer {tokenizer_dir}: not a local tokenizer directory "
+                         f"(a toy preset has no tokenizer: pass --tokenizer DIR)")
+    tokenizer = local_tokenizer(tokenizer_dir)
+    dataset = load_lm_dataset(args.data, tokenizer, max_length=args.max_length)
+    if args.controller is None:
+        model = chronovisor.load(args.model, _controller_config(args), **_load_kwargs(args))
+    else:
+        model = chronovisor.load(args.model, controller_dir=args.controller, **_load_kwargs(args))
+    vocab_size = model.get_input_embeddings().num_embeddings
+    if max(max(ids) for ids in dataset["input_ids"]) >= vocab_size:
+        raise SystemExit(f"chronovisor eval: --tokenizer {tokenizer_dir} produces ids beyond the model's vocabulary "
+                         f"({vocab_size}); use the model's own tokenizer")
+    online = args.online or args.controller is None
+    device = model.model.device if model.model.device.type != "meta" else "cpu"
+    comparison = compare_perplexity(model, as_conversation_batch(dataset, tokenizer.pad_token_id),
+                                    batch_size=args.batch_size, online=online, device=device)
+    record = {"model": args.model, "controller": args.controller, "data": str(args.data),
+              "tokenizer": str(tokenizer_dir), **dataclasses.asdict(comparison)}
+    text = json.dumps(record, indent=2, sort_keys=True)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+    else:
+        print(text)
+    print(comparison.line())
     return 0
 
 
@@ -286,7 +379,7 @@ def _run_reproduce(args: argparse.Namespace) -> int:
     return 0 if result.ok else 1
 
 
-_SUBCOMMANDS: list = [_add_inspect, _add_train, _add_sweep, _add_report, _add_reproduce]
+_SUBCOMMANDS: list = [_add_inspect, _add_train, _add_sweep, _add_report, _add_reproduce, _add_eval]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -73,7 +73,8 @@ def train_controller(model: ChronovisorModel, batches: Iterable[Mapping[str, tor
     put in eval mode (no dropout, no router jitter); the controller ticks after every forward as
     usual. Returns the log: one dict per ``log_every`` steps with the step, the mean training
     loss since the last entry, the largest |delivered pressure offset| and the spread of the
-    temperature offsets.
+    temperature offsets; each entry also goes to the accelerator's trackers (a no-op without
+    any, see :func:`chronovisor.eval.tracking.tracking_accelerator`).
 
     Raises:
         ValueError: the controller has no learnable offsets, or its mode is ``off``.
@@ -131,6 +132,7 @@ def train_controller(model: ChronovisorModel, batches: Iterable[Mapping[str, tor
                     "log_temperature_offset_std": float(controller.log_temperature_offset.std()),
                 }
             log.append(entry)
+            accelerator.log({name: value for name, value in entry.items() if name != "step"}, step=step)
             bar.set_postfix(loss=f"{entry['loss']:.4f}")
             running.zero_()
     return log

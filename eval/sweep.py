@@ -25,12 +25,14 @@ from __future__ import annotations
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from chronovisor.eval.config import SweepConfig
 from chronovisor.eval.protocols import run_cell
+from chronovisor.eval.record import CellRecord
 from chronovisor.eval.rundir import RunDir
 from chronovisor.eval.specs import CellSpec
 from chronovisor.eval.stacked import run_cells_stacked, settings_key, stack_key
@@ -92,7 +94,8 @@ class SweepOutcome:
 
 
 def run_sweep(config: SweepConfig, run_dir: RunDir | str | Path, *, process_index: int = 0, num_processes: int = 1,
-              device: Any = "cpu", progress: bool = True, command: list[str] | None = None) -> SweepOutcome:
+              device: Any = "cpu", progress: bool = True, command: list[str] | None = None,
+              on_cell: Callable[[CellRecord], None] | None = None) -> SweepOutcome:
     """Run this process's shard of stacks, skipping finished cells.
 
     Args:
@@ -102,6 +105,7 @@ def run_sweep(config: SweepConfig, run_dir: RunDir | str | Path, *, process_inde
         device: where the models run.
         progress: show a progress bar.
         command: the command line recorded in the manifest (default ``sys.argv``).
+        on_cell: called with each cell's record once it is saved (e.g. to log it to a tracker).
 
     Raises:
         RunDirError: ``run_dir`` holds the run of another config.
@@ -145,6 +149,8 @@ def run_sweep(config: SweepConfig, run_dir: RunDir | str | Path, *, process_inde
                 result.record.process_index = process_index
                 run_dir.save_cell(result)
                 ran.append(result.record.cell_id)
+                if on_cell is not None:
+                    on_cell(result.record)
                 bar.update(1)
     finally:
         bar.close()

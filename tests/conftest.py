@@ -67,3 +67,55 @@ def generator():
 def batch(generator):
     """16 conversations of :func:`generator`."""
     return generator.sample(16)
+
+
+# --------------------------------------------------- integrations: Trainer, PEFT, datasets, trackers
+#: Sentences of a small closed vocabulary: the text every integration test trains and evaluates on.
+WORDS = ("the cat sat on a mat while dogs ran far away from big red houses near old trees and "
+         "birds sang over quiet green fields").split()
+SENTENCES = [" ".join(WORDS[(3 * i) % len(WORDS):] + WORDS[:(3 * i) % len(WORDS)])[: 40 + 7 * (i % 5)]
+             for i in range(16)]
+
+
+@pytest.fixture(scope="session")
+def text_corpus(tmp_path_factory):
+    """A local plain-text file (one sentence per line, a blank line in between) and the same
+    sentences as JSONL conversations of two turns each: ``(text_path, jsonl_path)``."""
+    import json
+
+    directory = tmp_path_factory.mktemp("corpus")
+    text = directory / "corpus.txt"
+    text.write_text("\n".join(SENTENCES[:8]) + "\n\n" + "\n".join(SENTENCES[8:]) + "\n")
+    conversations = directory / "chat.jsonl"
+    conversations.write_text("".join(json.dumps({"turns": [s[:20], s[20:] or "end"], "topic": "t"}) + "\n"
+                                     for s in SENTENCES))
+    return text, conversations
+
+
+@pytest.fixture(scope="session")
+def word_tokenizer_dir(tmp_path_factory):
+    """A WordLevel tokenizer trained here on :data:`WORDS` (pad/unk/bos/eos specials), saved as a
+    ``PreTrainedTokenizerFast`` directory: a local tokenizer, nothing from the hub."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.WordLevel(unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.train_from_iterator([" ".join(WORDS)], trainers.WordLevelTrainer(
+        special_tokens=["[PAD]", "[UNK]", "[BOS]", "[EOS]"]))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="[PAD]", unk_token="[UNK]",
+                                   bos_token="[BOS]", eos_token="[EOS]")
+    directory = tmp_path_factory.mktemp("word-tokenizer")
+    fast.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def mixtral_tiny_with_tokenizer(tmp_path_factory, word_tokenizer_dir):
+    """A local model directory as users have one: the tiny Mixtral (safetensors) with the word tokenizer."""
+    from transformers import AutoTokenizer
+
+    directory = tmp_path_factory.mktemp("mixtral-tiny-tokenizer")
+    build_toy("mixtral-tiny", seed=0).save_pretrained(directory)
+    AutoTokenizer.from_pretrained(word_tokenizer_dir).save_pretrained(directory)
+    return directory
