@@ -273,7 +273,8 @@ class ChronovisorModel(nn.Module):
         The JSON also records the base model's name or path, the family, the router paths and the
         versions of chronovisor, torch, transformers and accelerate. When the wrapped model is a
         PEFT model its adapter is written into the same directory (PEFT's ``save_pretrained``), so
-        :meth:`from_pretrained` restores both; the base weights are never written.
+        :meth:`from_pretrained` restores both; the base weights are never written. (A PEFT model
+        *around* the wrapper saves its adapter itself: ``peft_model.save_pretrained(directory)``.)
         """
         if is_peft_model(self.model):
             self.model.save_pretrained(str(directory))
@@ -288,6 +289,7 @@ class ChronovisorModel(nn.Module):
             "family": self.info.family,
             "model_class": self.info.model_class,
             "router_paths": list(self.info.router_paths),
+            "adapter_inside": is_peft_model(self.model),
             "versions": {
                 "chronovisor": chronovisor.__version__,
                 "torch": torch.__version__,
@@ -304,7 +306,10 @@ class ChronovisorModel(nn.Module):
 
         The saved config is used as is. Raises ValueError naming the mismatch when the controller
         was saved for another shape (layers, experts, top-k) or family. When ``directory`` also
-        holds a PEFT adapter (saved from a wrapped PEFT model) it is loaded onto ``model`` first.
+        holds the adapter of a wrapped PEFT model (``chronovisor.wrap(peft_model)``, saved by
+        :meth:`save_pretrained`) it is loaded onto ``model`` first. An adapter trained *around* the
+        wrapper (``get_peft_model(wrapped)``) goes on top afterwards:
+        ``PeftModel.from_pretrained(ChronovisorModel.from_pretrained(base, d), d)``.
 
         Args:
             model: the transformers model.
@@ -315,7 +320,7 @@ class ChronovisorModel(nn.Module):
                 (see :func:`chronovisor.wrappers.discover`).
         """
         saved = PTController.read_description(directory)
-        if has_adapter(directory) and not is_peft_model(model):
+        if saved.get("adapter_inside") and has_adapter(directory) and not is_peft_model(model):
             model = load_adapter(model, directory, is_trainable)
         routers = discover(model, stacks=stacks)
         info = routers.info
