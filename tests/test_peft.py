@@ -54,6 +54,15 @@ def _train(model, output_dir, text_corpus, word_tokenizer_dir, **kwargs) -> Trai
     return trainer
 
 
+@torch.no_grad()
+def _randomise(pressure_offset: torch.Tensor, model) -> None:
+    """Random pressure offsets and LoRA B weights (B starts at zero), so both change the output."""
+    pressure_offset.normal_(0, 0.5)
+    for name, parameter in model.named_parameters():
+        if "lora_B" in name:
+            parameter.normal_(0, 0.1)
+
+
 def _lora_b(model) -> torch.Tensor:
     return torch.cat([p.detach().flatten() for n, p in model.named_parameters() if "lora_B" in n])
 
@@ -125,10 +134,7 @@ def test_modules_to_save_controller_is_refused_because_the_hooks_would_keep_the_
 
 def test_peft_on_top_merge_and_unload_returns_the_wrapper_with_merged_weights_and_the_same_output():
     model = _peft_on_top()
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if "lora_B" in name:
-                parameter.normal_(0, 0.1)
+    _randomise(model.get_base_model().controller.pressure_offset, model)
     model.eval()
     wrapper = model.get_base_model()
     wrapper.step_mode = "manual"
@@ -163,11 +169,7 @@ def test_wrapper_on_top_under_the_trainer_trains_both_and_checkpoints_hold_only_
 
 def test_wrapper_on_top_save_pretrained_writes_adapter_and_controller_and_from_pretrained_restores_both(tmp_path):
     model = _wrapper_on_top()
-    with torch.no_grad():
-        model.controller.pressure_offset.normal_(0, 0.5)
-        for name, parameter in model.named_parameters():
-            if "lora_B" in name:
-                parameter.normal_(0, 0.1)
+    _randomise(model.controller.pressure_offset, model)
     model.save_pretrained(tmp_path)
     assert {"adapter_model.safetensors", "adapter_config.json", "controller.safetensors",
             "controller_config.json"} <= {p.name for p in tmp_path.iterdir()}
@@ -182,11 +184,7 @@ def test_wrapper_on_top_save_pretrained_writes_adapter_and_controller_and_from_p
 
 def test_wrapper_on_top_merge_and_unload_keeps_the_controller_on_the_merged_model_without_old_hooks():
     model = _wrapper_on_top()
-    with torch.no_grad():
-        model.controller.pressure_offset.normal_(0, 0.5)
-        for name, parameter in model.named_parameters():
-            if "lora_B" in name:
-                parameter.normal_(0, 0.1)
+    _randomise(model.controller.pressure_offset, model)
     model.step_mode = "manual"
     model.eval()
     with torch.no_grad():
