@@ -161,11 +161,10 @@ class ChronovisorModel(nn.Module):
                  "decoder_input_ids": decoder_input_ids, "decoder_attention_mask": decoder_attention_mask}
         kwargs.update({name: value for name, value in named.items() if value is not None})
         self._check_controller()
-        per_optimizer_step = self._step_mode == "optimizer"
-        with self.attachment.frozen() if per_optimizer_step and not self.training else nullcontext():
+        with self._frozen_in_eval():
             outputs = self.model(**kwargs)
         loss = getattr(outputs, "loss", None)
-        if not per_optimizer_step:
+        if self._step_mode != "optimizer":
             self._after_call(loss)
         elif self.training and self.attachment.enabled:
             self._pending_loss = loss.detach() if torch.is_tensor(loss) else None
@@ -179,10 +178,16 @@ class ChronovisorModel(nn.Module):
         self._pending_loss = None
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
-        """``model.generate``; every decoding step is observed, the controller steps once after."""
-        outputs = self.model.generate(*args, **kwargs)
+        """``model.generate``; every decoding step is observed, the controller steps once after
+        (``step_mode="optimizer"`` in eval mode: frozen, nothing observed, no step)."""
+        with self._frozen_in_eval():
+            outputs = self.model.generate(*args, **kwargs)
         self._after_call(None)
         return outputs
+
+    def _frozen_in_eval(self) -> Any:
+        """The attachment's ``frozen()`` block for ``step_mode="optimizer"`` in eval mode, else a no-op."""
+        return self.attachment.frozen() if self._step_mode == "optimizer" and not self.training else nullcontext()
 
     def __getattr__(self, name: str) -> Any:
         try:

@@ -104,3 +104,19 @@ def test_the_wrapper_state_dict_keeps_trainable_base_weights_once_and_loads_back
     model.freeze_base()
     assert set(model.state_dict()) == {name for name in state if not name.startswith("model.")}
     model.load_state_dict(model.state_dict())
+
+
+def test_optimizer_step_mode_observes_in_training_and_freezes_forward_and_generate_in_eval():
+    model = _wrapped()
+    model.step_mode = "optimizer"
+    ids = torch.arange(4, 12).reshape(1, 8)
+    model.train()
+    model(input_ids=ids, labels=ids)
+    assert model.controller.ticks == 0 and float(model.controller._tick_counts.sum()) > 0
+    model.optimizer_step()
+    assert model.controller.ticks == 1 and float(model.controller._tick_counts.sum()) == 0
+    model.eval()
+    with torch.no_grad():
+        model(input_ids=ids)
+        model.generate(input_ids=ids, max_new_tokens=3, do_sample=False)
+    assert model.controller.ticks == 1 and float(model.controller._tick_counts.sum()) == 0
