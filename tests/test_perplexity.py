@@ -80,3 +80,13 @@ def test_chronovisor_eval_prints_json_and_one_table_line_for_a_saved_controller(
 def test_chronovisor_eval_rejects_a_toy_preset_without_a_tokenizer_in_one_line(text_corpus):
     with pytest.raises(SystemExit, match="--tokenizer mixtral-tiny: not a local tokenizer directory"):
         main(["eval", "mixtral-tiny", "--data", str(text_corpus[0])])
+
+
+def test_chronovisor_eval_without_a_controller_steps_a_fresh_one_online(capsys, text_corpus,
+                                                                       mixtral_tiny_with_tokenizer):
+    assert main(["eval", str(mixtral_tiny_with_tokenizer), "--data", str(text_corpus[0]), "--batch-size", "4",
+                 "--set", "update_every=1"]) == 0
+    *json_lines, line = capsys.readouterr().out.strip().splitlines()
+    record = json.loads("\n".join(json_lines))
+    assert record["controller"] is None and record["online"] is True and line.endswith("| online |")
+    assert record["perplexity_on"] != record["perplexity_off"]   # the fields moved after the first batch
