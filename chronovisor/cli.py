@@ -15,7 +15,9 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 #: Exit status of every failure the user can cause (argparse's own status for a bad argument).
 USAGE_ERROR = 2
@@ -46,34 +48,30 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # ------------------------------------------------------------------ argument types
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
+def _argument_type(convert: Callable[[str], Any], accept: Callable[[Any], bool], expected: str) -> Callable[[str], Any]:
+    """An argparse ``type``: ``convert`` the text, then ``accept`` the value, else "expected <expected>".
+
+    Args:
+        convert: ``int`` or ``float``.
+        accept: the range check.
+        expected: what a valid value is, for the message.
+    """
+
+    def parse(text: str) -> Any:
+        try:
+            value = convert(text)
+        except ValueError:
+            value = None
+        if value is None or not accept(value):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+        return value
+
+    return parse
 
 
-def _seed(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer seed, got {text!r}") from None
-    if not 0 <= value < SEED_LIMIT:
-        raise argparse.ArgumentTypeError(f"a seed must lie in [0, 2**63), got {value}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text}")
-    return value
+_positive_int = _argument_type(int, lambda value: value >= 1, "a positive integer")
+_seed = _argument_type(int, lambda value: 0 <= value < SEED_LIMIT, "a seed in [0, 2**63)")
+_positive_float = _argument_type(float, lambda value: math.isfinite(value) and value > 0, "a finite number > 0")
 
 
 # ------------------------------------------------------------------ shared arguments

@@ -474,6 +474,9 @@ class PTController(nn.Module):
         if len(saved.configs) != self.num_groups:
             raise ValueError(f"controller in {saved.directory} has {len(saved.configs)} configuration group(s), "
                              f"this controller has {self.num_groups}")
+        if None not in (saved.family, self.family) and saved.family != self.family:
+            raise ValueError(f"controller in {saved.directory} was saved for the {saved.family} family, "
+                             f"this controller is attached to a {self.family} model")
         for name in _STRUCTURAL_FIELDS:
             have, want = getattr(saved.configs[0], name), getattr(self.configs[0], name)
             if have != want:
@@ -483,7 +486,7 @@ class PTController(nn.Module):
         device = self._usage.device
         self.load_state_dict({name: tensor.to(device) for name, tensor in tensors.items()})
         self.ticks = saved.ticks
-        self.family = saved.family
+        self.family = saved.family or self.family
 
     @classmethod
     def load(cls, directory: str | Path, map_location: str | torch.device | None = None) -> PTController:

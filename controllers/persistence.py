@@ -33,6 +33,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from chronovisor.controllers.config import PTConfig
+from chronovisor.json_file import read_json_object
 
 STATE_FILE = "controller.safetensors"
 CONFIG_FILE = "controller_config.json"
@@ -182,12 +183,7 @@ def read_saved(directory: str | Path) -> SavedController:
         if not (directory / name).is_file():
             raise FileNotFoundError(f"no saved controller in {directory}: {name} is missing")
     path = directory / CONFIG_FILE
-    try:
-        description = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ControllerFileError(f"{path}: not valid JSON ({error}); the file is truncated or corrupt") from None
-    if not isinstance(description, dict):
-        raise ControllerFileError(f"{path}: expected a JSON object, got a {type(description).__name__}")
+    description = read_json_object(path, ControllerFileError)
 
     def fail(key: str, problem: str) -> ControllerFileError:
         return ControllerFileError(f"{path}: field {key!r} {problem}")

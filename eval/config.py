@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import json
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,6 +74,7 @@ from chronovisor.eval.specs import (
     variant_config,
 )
 from chronovisor.eval.yaml_text import load_yaml
+from chronovisor.json_file import read_json_object
 
 _TOP_LEVEL = ("name", "protocol", "models", "model", "seeds", "primary", "data", "train", "eval", "load", "controller",
               "grid", "batch_configs")
@@ -334,10 +334,4 @@ def _model_config(model: str) -> dict[str, Any]:
     config_file = Path(model).expanduser() / "config.json"
     if not config_file.is_file():
         return {}
-    try:
-        values = json.loads(config_file.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ConfigError(f"{config_file}: not valid JSON ({error})") from None
-    if not isinstance(values, dict):
-        raise ConfigError(f"{config_file}: expected a JSON object, got a {type(values).__name__}")
-    return values
+    return read_json_object(config_file, ConfigError)

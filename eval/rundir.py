@@ -30,6 +30,7 @@ import yaml
 from chronovisor.eval.errors import RunDirError
 from chronovisor.eval.record import ArmResult, CellRecord
 from chronovisor.eval.specs import stable_hash
+from chronovisor.json_file import read_json_object
 
 MANIFEST = "manifest.json"
 RESOLVED_CONFIG = "config.yaml"
@@ -185,9 +186,7 @@ class RunDir:
         path = self.manifest_path
         if not path.is_file():
             raise RunDirError(f"{self.path} is not a sweep run directory: {MANIFEST} is missing")
-        manifest = _read_json(path)
-        if not isinstance(manifest, dict):
-            raise RunDirError(f"{path}: expected a JSON object, got a {type(manifest).__name__}")
+        manifest = read_json_object(path, RunDirError)
         for key, kind in _MANIFEST_KEYS.items():
             if not isinstance(manifest.get(key), kind):
                 raise RunDirError(f"{path}: key {key!r} is missing or not a {kind.__name__}")
@@ -249,14 +248,6 @@ class RunDir:
             write_json(self.manifest_path, manifest)
 
 
-def _read_json(path: Path) -> Any:
-    """A JSON file's value; :class:`RunDirError` naming the file when it is empty, truncated or not JSON."""
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise RunDirError(f"{path}: not valid JSON ({error}); the file is empty, truncated or corrupt") from None
-
-
 def read_record_file(path: Path) -> CellRecord:
     """The :class:`CellRecord` in a cell file, checked to be the record of the cell its file name says.
 
@@ -264,7 +255,7 @@ def read_record_file(path: Path) -> CellRecord:
         RunDirError: naming the file: not JSON, not a cell record (e.g. a missing key), or a
             record of another cell (its ``cell_id`` is not the file name).
     """
-    data = _read_json(path)
+    data = read_json_object(path, RunDirError)
     try:
         record = CellRecord.from_dict(data)
     except (TypeError, KeyError, AttributeError, ValueError) as error:
