@@ -62,9 +62,18 @@ def load_yaml(text: str, where: str) -> Any:
                               f"(*name); write the values out or use fewer nested aliases")
         return loader.construct_document(node)
     except yaml.YAMLError as error:
-        raise ConfigError(f"{where}: not valid YAML ({' '.join(str(error).split())})") from None
+        raise ConfigError(f"{where}: not valid YAML ({_describe(error)})") from None
     finally:
         loader.dispose()
+
+
+def _describe(error: yaml.YAMLError) -> str:
+    """PyYAML's problem and where it is, on one line."""
+    mark = getattr(error, "problem_mark", None)
+    problem = getattr(error, "problem", None)
+    if problem is None or mark is None:
+        return " ".join(str(error).split())
+    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}"
 
 
 def _expanded_size(node: yaml.Node, sizes: dict[int, int], open_nodes: set[int]) -> int:
