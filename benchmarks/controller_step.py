@@ -51,7 +51,7 @@ def _measure(layers: int, experts: int, update_every: int, steps: int, ctx: Cont
 
     def observe_all():
         for layer in range(layers):
-            controller.observe(layer, index[layer], weights)
+            controller.record_selection(layer, index[layer], weights)   # what the router hooks call
 
     step_s, update_s, cheap_s, observe_s = [], [], [], []
     for i in range(steps + 10):

@@ -1,20 +1,21 @@
 """Chronovisor: steer the routing of HuggingFace Mixture-of-Experts models with a P×T controller.
 
-``import chronovisor`` stays light: the controller needs only torch, and the transformers-facing
-parts (``wrap``, ``load``, ``ChronovisorModel``) are imported on first use.
+``import chronovisor`` imports nothing heavy: ``PTConfig`` and ``PTController`` (torch) and the
+transformers-facing parts (``wrap``, ``load``, ``ChronovisorModel``) are imported on first use, so
+that ``chronovisor --help`` starts without torch.
 """
-
-from chronovisor.controllers import PTConfig, PTController
 
 __version__ = "0.1.0"
 
 _LAZY = {
+    "PTConfig": "chronovisor.controllers",
+    "PTController": "chronovisor.controllers",
     "wrap": "chronovisor.model",
     "load": "chronovisor.model",
     "ChronovisorModel": "chronovisor.model",
 }
 
-__all__ = ["PTConfig", "PTController", "__version__", *_LAZY]
+__all__ = ["__version__", *_LAZY]
 
 
 def __getattr__(name: str):

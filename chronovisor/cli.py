@@ -1,32 +1,84 @@
 """The ``chronovisor`` command line.
 
 Each subcommand has one ``_add_<name>`` function that declares its arguments and points
-``func`` at the code that runs it; the heavy imports happen inside those functions so that
-``chronovisor --help`` stays fast.
+``func`` at the code that runs it; the heavy imports (torch, transformers) happen inside the
+``_run_<name>`` functions, so that ``chronovisor --help`` imports neither.
+
+Error policy: every failure the user can cause (a bad argument, file, config key or model) exits
+with status 2 and one line on stderr, ``chronovisor COMMAND: error: ...``, naming the argument,
+file or key and what is wrong. Anything else is a bug and shows its traceback; ``--debug`` shows
+the traceback of a user error too.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+#: Exit status of every failure the user can cause (argparse's own status for a bad argument).
+USAGE_ERROR = 2
+#: Seeds are torch and numpy generator seeds: non-negative and below 2**63.
+SEED_LIMIT = 2**63
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argparse parser whose errors are one line naming the command (and pointing at --help)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(USAGE_ERROR, f"{self.prog}: error: {_one_line(message)} (see {self.prog} --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="chronovisor",
         description="Steer MoE routing with a P×T controller, and measure it honestly.",
     )
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in _SUBCOMMANDS:
         add(sub)
+    for command in sub.choices.values():
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                             help="show the full traceback of an error")
     return parser
+
+
+# ------------------------------------------------------------------ argument types
+def _argument_type(convert: Callable[[str], Any], accept: Callable[[Any], bool], expected: str) -> Callable[[str], Any]:
+    """An argparse ``type``: ``convert`` the text, then ``accept`` the value, else "expected <expected>".
+
+    Args:
+        convert: ``int`` or ``float``.
+        accept: the range check.
+        expected: what a valid value is, for the message.
+    """
+
+    def parse(text: str) -> Any:
+        try:
+            value = convert(text)
+        except ValueError:
+            value = None
+        if value is None or not accept(value):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+        return value
+
+    return parse
+
+
+_positive_int = _argument_type(int, lambda value: value >= 1, "a positive integer")
+_seed = _argument_type(int, lambda value: 0 <= value < SEED_LIMIT, "a seed in [0, 2**63)")
+_positive_float = _argument_type(float, lambda value: math.isfinite(value) and value > 0, "a finite number > 0")
 
 
 # ------------------------------------------------------------------ shared arguments
 def _add_model_arguments(parser: argparse.ArgumentParser, required: bool = True) -> None:
     parser.add_argument("model", nargs=None if required else "?", help="a toy preset name (see `chronovisor inspect --presets`), a local model "
                                       "directory, or a hub id")
-    parser.add_argument("--seed", type=int, default=0, help="seed of a toy preset's weights (default 0)")
+    parser.add_argument("--seed", type=_seed, default=0, help="seed of a toy preset's weights (default 0)")
     parser.add_argument("--device-map", default=None, help='accelerate device map, e.g. "auto" (default: none)')
     parser.add_argument("--max-memory", default=None, metavar="DEV=SIZE,...",
                         help='per-device memory budget for device_map, e.g. "0=20GiB,cpu=60GiB"')
@@ -41,7 +93,7 @@ def _parse_max_memory(text: str | None) -> dict | None:
     for item in text.split(","):
         device, sep, size = item.partition("=")
         if not sep or not size:
-            raise SystemExit(f"--max-memory: expected DEVICE=SIZE items, got {item!r}")
+            raise ValueError(f"--max-memory: expected DEVICE=SIZE items, got {item!r}")
         budget[int(device) if device.isdigit() else device] = int(size) if size.isdigit() else size
     return budget
 
@@ -73,7 +125,7 @@ def _controller_config(args: argparse.Namespace, **fixed):
     try:
         return PTConfig.from_dict(values)
     except ValueError as error:
-        raise SystemExit(f"invalid controller config: {error}") from None
+        raise ValueError(f"invalid controller config: {error}") from None
 
 
 def _add_log_with(parser: argparse.ArgumentParser) -> None:
@@ -99,7 +151,7 @@ def _run_inspect(args: argparse.Namespace) -> int:
             print(f"{name:18s} {preset.description}")
         return 0
     if args.model is None:
-        raise SystemExit("chronovisor inspect: name a model (or pass --presets)")
+        raise ValueError("name a model (or pass --presets)")
     model = load_base_model(args.model, **_load_kwargs(args))
     info = describe(model)
     print(info.summary())
@@ -121,14 +173,31 @@ def _add_train(sub) -> None:
                                                      "default: the synthetic conversation generator")
     parser.add_argument("--tokenizer", default=None, help="local tokenizer directory for --data "
                                                           "(default: the model directory)")
-    parser.add_argument("--conversations", type=int, default=32, help="synthetic conversations (default 32)")
-    parser.add_argument("--max-length", type=int, default=512, help="tokens per conversation (default 512)")
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--steps", type=int, default=200)
-    parser.add_argument("--lr", type=float, default=0.05)
-    parser.add_argument("--log-every", type=int, default=10)
+    parser.add_argument("--conversations", type=_positive_int, default=32,
+                        help="synthetic conversations (default 32)")
+    parser.add_argument("--max-length", type=_positive_int, default=512, help="tokens per conversation (default 512)")
+    parser.add_argument("--batch-size", type=_positive_int, default=4)
+    parser.add_argument("--steps", type=_positive_int, default=200)
+    parser.add_argument("--lr", type=_positive_float, default=0.05)
+    parser.add_argument("--log-every", type=_positive_int, default=10)
     _add_log_with(parser)
     parser.set_defaults(func=_run_train)
+
+
+def _check_train_inputs(args: argparse.Namespace) -> None:
+    """Everything ``train`` can check before loading a model: --out, --data and its tokenizer."""
+    from chronovisor.eval.jsonl import read_conversations
+    from chronovisor.wrappers.toy import TOY_PRESETS
+
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out}: exists and is not a directory; name a new or existing directory")
+    if args.data is None:
+        return
+    read_conversations(args.data)
+    if args.tokenizer is None and args.model in TOY_PRESETS:
+        raise ValueError(f"--data needs --tokenizer DIR with the toy preset {args.model} (a preset has no "
+                         f"tokenizer of its own)")
 
 
 def _training_batches(args: argparse.Namespace, model) -> list[dict]:
@@ -161,17 +230,17 @@ def _run_train(args: argparse.Namespace) -> int:
     from chronovisor.eval.tracking import tracking_accelerator
     from chronovisor.training import TrainConfig, train_controller
 
+    _check_train_inputs(args)
+    train_config = TrainConfig(steps=args.steps, learning_rate=args.lr, log_every=args.log_every)
     config = _controller_config(args, learnable=True)
     model = chronovisor.load(args.model, config, freeze_base=True, **_load_kwargs(args))
     if getattr(model.config, "is_encoder_decoder", False) and args.data is None:
-        raise SystemExit("chronovisor train: the synthetic data is for decoder-only models; "
-                         "pass --data for an encoder-decoder model")
+        raise ValueError("the synthetic data is for decoder-only models; pass --data for an encoder-decoder model")
     model.print_trainable_parameters()
     batches = _training_batches(args, model)
     accelerator = tracking_accelerator(args.log_with, Path(args.out) / "logs", "chronovisor-train",
                                        {"model": args.model, "steps": args.steps, "lr": args.lr, **config.to_dict()})
-    log = train_controller(model, batches, TrainConfig(steps=args.steps, learning_rate=args.lr,
-                                                       log_every=args.log_every), accelerator=accelerator)
+    log = train_controller(model, batches, train_config, accelerator=accelerator)
     accelerator.end_training()
     out = model.save_pretrained(args.out)
     (out / "training_log.json").write_text(json.dumps(log, indent=2) + "\n")
@@ -250,8 +319,8 @@ def _add_eval(sub) -> None:
                              "sequence per line (loaded with datasets, local files only)")
     parser.add_argument("--tokenizer", default=None, metavar="DIR",
                         help="local tokenizer directory (default: the model directory)")
-    parser.add_argument("--max-length", type=int, default=512, help="tokens per sequence (default 512)")
-    parser.add_argument("--batch-size", type=int, default=8, help="sequences per forward (default 8)")
+    parser.add_argument("--max-length", type=_positive_int, default=512, help="tokens per sequence (default 512)")
+    parser.add_argument("--batch-size", type=_positive_int, default=8, help="sequences per forward (default 8)")
     parser.add_argument("--online", action="store_true",
                         help="step the controller after every batch (default for a fresh controller)")
     parser.add_argument("--out", default=None, metavar="FILE", help="write the JSON here instead of printing it")
@@ -267,11 +336,9 @@ def _run_eval(args: argparse.Namespace) -> int:
     from chronovisor.eval.perplexity import compare_perplexity
     from chronovisor.eval.text_datasets import as_conversation_batch, load_lm_dataset, local_tokenizer
 
-    if args.batch_size < 1:
-        raise SystemExit(f"chronovisor eval: --batch-size must be at least 1 (got {args.batch_size})")
     tokenizer_dir = args.tokenizer or args.model
     if not Path(tokenizer_dir).is_dir():
-        raise SystemExit(f"chronovisor eval: --tokenizer {tokenizer_dir}: not a local tokenizer directory "
+        raise ValueError(f"--tokenizer {tokenizer_dir}: not a local tokenizer directory "
                          f"(a toy preset has no tokenizer: pass --tokenizer DIR)")
     tokenizer = local_tokenizer(tokenizer_dir)
     dataset = load_lm_dataset(args.data, tokenizer, max_length=args.max_length)
@@ -281,7 +348,7 @@ def _run_eval(args: argparse.Namespace) -> int:
         model = chronovisor.load(args.model, controller_dir=args.controller, **_load_kwargs(args))
     vocab_size = model.get_input_embeddings().num_embeddings
     if max(max(ids) for ids in dataset["input_ids"]) >= vocab_size:
-        raise SystemExit(f"chronovisor eval: --tokenizer {tokenizer_dir} produces ids beyond the model's vocabulary "
+        raise ValueError(f"--tokenizer {tokenizer_dir} produces ids beyond the model's vocabulary "
                          f"({vocab_size}); use the model's own tokenizer")
     online = args.online or args.controller is None
     device = model.model.device if model.model.device.type != "meta" else "cpu"
@@ -317,16 +384,6 @@ def _run_report(args: argparse.Namespace) -> int:
 
 
 # ------------------------------------------------------------------ reproduce
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
 def _add_reproduce(sub) -> None:
     parser = sub.add_parser(
         "reproduce", help="re-run some cells of a published run here and compare them with it",
@@ -382,18 +439,39 @@ def _run_reproduce(args: argparse.Namespace) -> int:
 _SUBCOMMANDS: list = [_add_inspect, _add_train, _add_sweep, _add_report, _add_reproduce, _add_eval]
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run one subcommand. Bad input (an unsupported model, a missing file, an invalid config or
-    value, a directory that is not a run) exits with status 1 and a one-line message naming the
-    problem (no traceback)."""
+def _user_error(error: BaseException) -> BaseException | None:
+    """The user-caused error behind ``error`` (itself or a cause it wraps), else None (a bug)."""
     from chronovisor.eval.errors import EvalError
 
+    while error is not None:
+        if isinstance(error, (EvalError, ValueError, OSError)):  # WrapperError is a ValueError
+            return error
+        error = error.__cause__
+    return None
+
+
+def _one_line(text: str) -> str:
+    return " ".join(part.strip() for part in str(text).splitlines() if part.strip())
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one subcommand; returns the exit status.
+
+    Bad input (an unsupported model, a missing or corrupt file, an invalid config, argument or
+    value, a directory that is not a run) exits with status 2 and one line on stderr naming the
+    problem; ``--debug`` raises it with its traceback instead. Other errors propagate (bugs).
+    """
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (EvalError, ValueError, FileNotFoundError) as error:  # WrapperError is a ValueError
-        raise SystemExit(f"chronovisor {args.command}: error: {error}") from None
+    except Exception as error:
+        cause = _user_error(error)
+        if cause is None or args.debug:
+            raise
+        text = str(error) if cause is error or str(cause) in str(error) else f"{error}: {cause}"
+        print(f"chronovisor {args.command}: error: {_one_line(text)}", file=sys.stderr)
+        return USAGE_ERROR
 
 
 if __name__ == "__main__":

@@ -128,7 +128,7 @@ class ChronovisorModel(nn.Module):
         self._controller_trainable = bool(value) and any(True for _ in self.attachment.controller.parameters())
 
     def _after_call(self, loss: torch.Tensor | None) -> None:
-        if self._step_mode == "auto" and self.attachment.enabled:
+        if self._step_mode == "auto" and self.attachment.enabled and self.attachment.attached:
             self.controller.step(loss=loss)
 
     def _check_controller(self) -> None:
@@ -246,7 +246,7 @@ class ChronovisorModel(nn.Module):
         print(f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {share:.6f}")
 
     def unwrap(self) -> nn.Module:
-        """Remove every hook and return the base model as it was."""
+        """Remove every hook and return the base model as it was; the controller no longer ticks."""
         self.attachment.remove()
         return self.model
 
@@ -291,7 +291,6 @@ class ChronovisorModel(nn.Module):
         base_config = getattr(self.model, "config", None)
         metadata = {
             "base_model_name_or_path": getattr(base_config, "_name_or_path", None) or None,
-            "family": self.info.family,
             "model_class": self.info.model_class,
             "router_paths": list(self.info.router_paths),
             "adapter_inside": is_peft_model(self.model),
@@ -329,10 +328,10 @@ class ChronovisorModel(nn.Module):
             model = load_adapter(model, directory, is_trainable)
         routers = discover(model, stacks=stacks)
         info = routers.info
-        if saved.get("family") not in (None, info.family):
-            raise ValueError(f"controller in {directory} was saved for the {saved['family']} family, "
+        if saved.family not in (None, info.family):
+            raise ValueError(f"controller in {directory} was saved for the {saved.family} family, "
                              f"but {info.model_class} is {info.family}")
-        mismatches = info.shape_mismatches(saved)
+        mismatches = info.shape_mismatches(saved.shape)
         if mismatches:
             raise ValueError(f"controller in {directory} does not fit {info.model_class}: it has "
                              f"{', '.join(mismatches)}")
@@ -436,7 +435,7 @@ def load_base_model(name_or_path: str, *, seed: int = 0, device_map: str | dict 
                                                    no_split_module_classes=model._no_split_modules)
             model = dispatch_model(model, device_map=device_map, offload_dir=offload_folder)
         return model.eval()
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
+    from transformers import AutoConfig
 
     path = Path(name_or_path)
     if path.exists() and not (path / "config.json").is_file():
@@ -449,13 +448,41 @@ def load_base_model(name_or_path: str, *, seed: int = 0, device_map: str | dict 
             f"cannot load {name_or_path!r}: not a toy preset ({', '.join(list_presets())}), not a local model "
             f"directory, and the hub could not provide it ({error.__class__.__name__})"
         ) from error
-    auto_class = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
     kwargs: dict[str, Any] = {}
     if device_map is not None:
         kwargs.update(device_map=device_map, max_memory=max_memory, offload_folder=offload_folder)
     if torch_dtype is not None:
         kwargs["dtype"] = _dtype(torch_dtype)
-    return auto_class.from_pretrained(name_or_path, **kwargs).eval()
+    return _auto_class(config).from_pretrained(name_or_path, **kwargs).eval()
+
+
+def _auto_class(config: Any) -> Any:
+    """``AutoModelForSeq2SeqLM`` for an encoder-decoder config, else ``AutoModelForCausalLM``."""
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+    return AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
+
+
+def check_model_directory(path: str | Path) -> None:
+    """Check, without loading any weight, that a model directory holds a supported MoE model.
+
+    The model is built from its ``config.json`` on the ``meta`` device (no memory, no weights) and
+    its routers are discovered, so an unsupported model fails before any work.
+
+    Raises:
+        ValueError: ``config.json`` is not a valid transformers config, or the model has no
+            router of a supported family (:class:`~chronovisor.wrappers.UnsupportedModelError`).
+    """
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(str(path))
+    except (OSError, ValueError, KeyError) as error:
+        raise ValueError(f"{Path(path) / 'config.json'}: not a transformers model config "
+                         f"({' '.join(str(error).split())[:200]})") from None
+    with torch.device("meta"):
+        skeleton = _auto_class(config).from_config(config)
+    discover(skeleton)
 
 
 def _dtype(value: torch.dtype | str) -> torch.dtype:

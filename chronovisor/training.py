@@ -22,6 +22,26 @@ class ZeroGradientError(RuntimeError):
     """The controller's offsets receive no gradient through this model's routers."""
 
 
+class NonFiniteTrainingError(ValueError):
+    """A training step produced a non-finite loss, gradient or offset; training stopped there.
+
+    The offsets keep the last finite values they had (nothing non-finite is kept or saved).
+    """
+
+
+def _finite_number(value: object, minimum: float, name: str, strict: bool) -> None:
+    """Raise unless ``value`` is a real number (not a bool), finite, and > (``strict``) or >= ``minimum``."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or (value <= minimum if strict else value < minimum):
+        bound = f"> {minimum:g}" if strict else f">= {minimum:g}"
+        raise ValueError(f"TrainConfig.{name}: must be a finite number {bound} (got {value!r})")
+
+
+def _positive_int(value: object, name: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"TrainConfig.{name}: must be an integer >= 1 (got {value!r})")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Settings of :func:`train_controller` (validated at construction)."""
@@ -33,17 +53,12 @@ class TrainConfig:
     max_grad_norm: float | None = 1.0
 
     def __post_init__(self) -> None:
-        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
-            raise ValueError(f"TrainConfig.steps: must be an integer >= 1 (got {self.steps!r})")
-        if not (isinstance(self.learning_rate, (int, float)) and math.isfinite(self.learning_rate)
-                and self.learning_rate > 0):
-            raise ValueError(f"TrainConfig.learning_rate: must be a finite number > 0 (got {self.learning_rate!r})")
-        if not self.weight_decay >= 0:
-            raise ValueError(f"TrainConfig.weight_decay: must be >= 0 (got {self.weight_decay!r})")
-        if isinstance(self.log_every, bool) or not isinstance(self.log_every, int) or self.log_every < 1:
-            raise ValueError(f"TrainConfig.log_every: must be an integer >= 1 (got {self.log_every!r})")
-        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
-            raise ValueError(f"TrainConfig.max_grad_norm: must be > 0 or None (got {self.max_grad_norm!r})")
+        _positive_int(self.steps, "steps")
+        _finite_number(self.learning_rate, 0.0, "learning_rate", strict=True)
+        _finite_number(self.weight_decay, 0.0, "weight_decay", strict=False)
+        _positive_int(self.log_every, "log_every")
+        if self.max_grad_norm is not None:
+            _finite_number(self.max_grad_norm, 0.0, "max_grad_norm", strict=True)
 
 
 def _cycle(batches: Iterable[Mapping[str, torch.Tensor]]) -> Iterator[Mapping[str, torch.Tensor]]:
@@ -76,8 +91,15 @@ def train_controller(model: ChronovisorModel, batches: Iterable[Mapping[str, tor
     temperature offsets; each entry also goes to the accelerator's trackers (a no-op without
     any, see :func:`chronovisor.eval.tracking.tracking_accelerator`).
 
+    Every step checks (one host sync) that the loss and the offsets' gradients are finite, and
+    after the optimiser step that the offsets are: the first non-finite value stops training with
+    :class:`NonFiniteTrainingError`, the offsets keeping their last finite values.
+
     Raises:
-        ValueError: the controller has no learnable offsets, or its mode is ``off``.
+        ValueError: the controller has no learnable offsets, or its mode is ``off``; a batch has
+            no target token (every label ``-100``).
+        NonFiniteTrainingError: a non-finite loss, gradient or offset (e.g. a learning rate far
+            too high, or a NaN in the inputs); the message names the step.
         ZeroGradientError: after the first backward every offset gradient is exactly zero, as
             happens with top-1 routing whose weight is renormalised to 1 (Mixtral/Qwen with k=1):
             the loss then does not depend on the routing logits at all.
@@ -93,6 +115,8 @@ def train_controller(model: ChronovisorModel, batches: Iterable[Mapping[str, tor
     if controller.config.mode == "off":
         raise ValueError("train_controller: mode 'off' ignores the controller, so its offsets cannot learn")
     _check_routing_has_gradient(model)
+    cached = list(batches)
+    _check_targets(cached, shifted=not getattr(model.config, "is_encoder_decoder", False))
     model.freeze_base()
     model.model.eval()
     parameters = [p for p in controller.parameters() if p.requires_grad]
@@ -105,7 +129,7 @@ def train_controller(model: ChronovisorModel, batches: Iterable[Mapping[str, tor
 
     log: list[dict[str, float]] = []
     running = torch.zeros((), device=parameters[0].device)
-    data = _cycle(batches)
+    data = _cycle(cached)
     bar = tqdm(range(1, config.steps + 1), desc="controller", disable=not progress)
     for step in bar:
         batch = next(data)
@@ -114,12 +138,21 @@ def train_controller(model: ChronovisorModel, batches: Iterable[Mapping[str, tor
         if outputs.loss is None:
             raise ValueError("train_controller: the batches must include labels (the model returned no loss)")
         accelerator.backward(outputs.loss)
+        _require_finite(step, "loss or gradient", [outputs.loss.detach(), *(p.grad for p in parameters)])
         if step == 1:
             _check_gradient_flows(model, parameters)
         if config.max_grad_norm is not None:
             accelerator.clip_grad_norm_(parameters, config.max_grad_norm)
+        last_finite = [p.detach().clone() for p in parameters]
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        try:
+            _require_finite(step, "offset", parameters)
+        except NonFiniteTrainingError:
+            with torch.no_grad():
+                for parameter, value in zip(parameters, last_finite, strict=True):
+                    parameter.copy_(value)
+            raise
         running += outputs.loss.detach().to(running.device)
         if step % config.log_every == 0 or step == config.steps:
             since = (step - 1) % config.log_every + 1
@@ -136,6 +169,26 @@ def train_controller(model: ChronovisorModel, batches: Iterable[Mapping[str, tor
             bar.set_postfix(loss=f"{entry['loss']:.4f}")
             running.zero_()
     return log
+
+
+def _check_targets(batches: list[Mapping[str, torch.Tensor]], shifted: bool) -> None:
+    """Every batch needs a target token: a label other than -100 (after the first position when
+    ``shifted``: a causal LM scores ``labels[:, 1:]``)."""
+    for index, batch in enumerate(batches, start=1):
+        labels = batch.get("labels")
+        scored = labels[..., 1:] if shifted and torch.is_tensor(labels) else labels
+        if torch.is_tensor(scored) and not bool((scored != -100).any()):
+            raise ValueError(f"train_controller: batch {index} has no target token (every scored label is -100, "
+                             f"e.g. only padding or one-token sequences); drop it or fix its labels")
+
+
+def _require_finite(step: int, what: str, tensors: list[torch.Tensor | None]) -> None:
+    """Raise :class:`NonFiniteTrainingError` if any tensor holds a NaN or an infinity (one host sync)."""
+    checks = [torch.isfinite(t).all() for t in tensors if t is not None]
+    if checks and not bool(torch.stack(checks).all()):
+        raise NonFiniteTrainingError(
+            f"train_controller: non-finite {what} at step {step}; training stopped and nothing non-finite was kept "
+            f"(lower the learning rate, or check the batch of step {step} for NaN/inf inputs)")
 
 
 def _check_routing_has_gradient(model: ChronovisorModel) -> None:

@@ -107,6 +107,8 @@ class PTConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
                 fail(name, "must be an integer")
+        if not -(2**63) <= self.seed < 2**63:
+            fail("seed", "must lie in [-2**63, 2**63) (a torch generator seed)")
         if self.update_every < 1:
             fail("update_every", "must be >= 1")
         if self.credit_window < 1:

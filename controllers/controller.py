@@ -19,22 +19,24 @@ same code either way (a single controller is the C = 1 case with the axis hidden
 
 from __future__ import annotations
 
-import json
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from chronovisor.controllers import dynamics
 from chronovisor.controllers.config import PTConfig
-
-STATE_FILE = "controller.safetensors"
-CONFIG_FILE = "controller_config.json"
-FORMAT_VERSION = 1
+from chronovisor.controllers.persistence import (
+    FORMAT_VERSION,
+    RESERVED_KEYS,
+    SavedController,
+    read_saved,
+    read_state,
+    write_controller,
+)
 
 # Routing weights are clipped to this magnitude so that their per-tick sums stay finite.
 MAX_ROUTING_WEIGHT = 1e4
@@ -62,6 +64,9 @@ class PTController(nn.Module):
     def __init__(self, num_layers: int, num_experts: int, top_k: int,
                  config: PTConfig | Sequence[PTConfig] | None = None):
         super().__init__()
+        if isinstance(config, (Mapping, str)):
+            raise TypeError(f"PTController: config must be a PTConfig (or a sequence of them for a stacked "
+                            f"controller), got a {type(config).__name__}; build one with PTConfig(**values)")
         for name, value, minimum in (("num_layers", num_layers, 1), ("num_experts", num_experts, 2),
                                      ("top_k", top_k, 1)):
             if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
@@ -100,6 +105,8 @@ class PTController(nn.Module):
             self.pressure_offset = nn.Parameter(torch.zeros(num_layers, num_experts))
             self.log_temperature_offset = nn.Parameter(torch.zeros(num_layers, num_experts))
         self.ticks = 0
+        #: The model family this controller was last attached to (set by the attachment; saved).
+        self.family: str | None = None
         self.reset()
 
     @property
@@ -263,16 +270,50 @@ class PTController(nn.Module):
     @torch.no_grad()
     def observe(self, layer: int, expert_index: torch.Tensor, weights: torch.Tensor | None = None,
                 mask: torch.Tensor | None = None) -> None:
-        """Add one router call's selections to this tick's counts.
+        """Add one router call's selections to this tick's counts, after checking them.
+
+        The public entry point: it checks the inputs' dtypes and shapes and that every id names
+        an expert (one host sync), then calls :meth:`record_selection`. The router hooks call
+        :meth:`record_selection` directly with HF's own ids (no host sync).
 
         Args:
             layer: MoE layer index.
-            expert_index: ``[tokens, k]`` integer ids of the selected experts (stacked: C equal
-                consecutive blocks of tokens, one per group).
-            weights: ``[tokens, k]`` routing weights of those selections (default 1/K each); they
-                drive the coherence phases. Non-finite weights count as 0; magnitudes are
-                clipped to ``MAX_ROUTING_WEIGHT``.
+            expert_index: ``[tokens, top_k]`` integer (not bool) ids in ``[0, num_experts)`` of the
+                selected experts (stacked: C equal consecutive blocks of tokens, one per group).
+            weights: ``[tokens, top_k]`` floating-point routing weights of those selections
+                (default 1/K each); they drive the coherence phases. A token with a NaN weight was
+                routed from NaN scores and is not counted; infinite weights count as 0;
+                magnitudes are clipped to ``MAX_ROUTING_WEIGHT``.
             mask: ``[tokens]`` bool, True for real tokens; padding is excluded from every count.
+
+        Raises:
+            ValueError: naming the argument and what is wrong with it.
+        """
+        self._check_layer(layer)
+        if (not torch.is_tensor(expert_index) or expert_index.dtype == torch.bool or expert_index.is_floating_point()
+                or expert_index.is_complex() or expert_index.dim() != 2 or expert_index.shape[1] != self.top_k):
+            raise ValueError(
+                f"PTController.observe: expert_index must be an integer tensor [tokens, {self.top_k}] (top_k "
+                f"{self.top_k}), got {_describe_tensor(expert_index)}")
+        if weights is not None and (not torch.is_tensor(weights) or not weights.is_floating_point()):
+            raise ValueError(f"PTController.observe: weights must be a floating-point tensor, got "
+                             f"{_describe_tensor(weights)}")
+        if mask is not None and (not torch.is_tensor(mask) or mask.dtype != torch.bool):
+            raise ValueError(f"PTController.observe: mask must be a bool tensor (True = real token), got "
+                             f"{_describe_tensor(mask)}; pass attention_mask.bool()")
+        outside = (expert_index < 0) | (expert_index >= self.num_experts)
+        if bool(outside.any()):
+            raise ValueError(f"PTController.observe: expert ids must lie in [0, {self.num_experts}), got "
+                             f"{int(expert_index.min())}..{int(expert_index.max())}")
+        self.record_selection(layer, expert_index, weights, mask)
+
+    @torch.no_grad()
+    def record_selection(self, layer: int, expert_index: torch.Tensor, weights: torch.Tensor | None = None,
+                         mask: torch.Tensor | None = None) -> None:
+        """:meth:`observe` without its value checks: the router hooks' entry (no host sync).
+
+        Only shapes are checked (Python integers). Arguments as in :meth:`observe`; ``expert_index``
+        may have any number of columns (a family's own choice count).
         """
         self._check_layer(layer)
         if expert_index.is_floating_point() or expert_index.is_complex() or expert_index.dim() != 2:
@@ -285,20 +326,24 @@ class PTController(nn.Module):
         device, dtype = self._tick_counts.device, self._tick_counts.dtype
         index = expert_index.to(device=device, dtype=torch.long).reshape(groups)
         if mask is None:
-            counted = torch.ones(groups, device=device, dtype=dtype)
+            real = torch.ones(tokens, device=device, dtype=dtype)
         else:
             if mask.shape != (tokens,):
                 raise ValueError(f"PTController.observe: mask must have shape [{tokens}], got {tuple(mask.shape)}")
-            counted = mask.to(device=device, dtype=dtype).repeat_interleave(k).reshape(groups)
+            real = mask.to(device=device, dtype=dtype)
         if weights is None:
+            counted = real.repeat_interleave(k).reshape(groups)
             weight = counted / self.top_k
         else:
             if weights.shape != expert_index.shape:
                 raise ValueError(
                     f"PTController.observe: weights must have shape {tuple(expert_index.shape)}, got {tuple(weights.shape)}"
                 )
-            weight = torch.nan_to_num(weights.to(device=device, dtype=dtype).reshape(groups), nan=0.0,
-                                      posinf=0.0, neginf=0.0).clamp(-MAX_ROUTING_WEIGHT, MAX_ROUTING_WEIGHT) * counted
+            weights = weights.to(device=device, dtype=dtype)
+            routed = real * ~torch.isnan(weights).any(dim=-1)          # a NaN weight: routed from NaN scores
+            counted = routed.repeat_interleave(k).reshape(groups)
+            weight = torch.nan_to_num(weights.reshape(groups), nan=0.0, posinf=0.0, neginf=0.0
+                                      ).clamp(-MAX_ROUTING_WEIGHT, MAX_ROUTING_WEIGHT) * counted
         self._tick_counts[:, layer].scatter_add_(1, index, counted)
         self._tick_weight_sums[:, layer].scatter_add_(1, index, weight)
 
@@ -371,75 +416,84 @@ class PTController(nn.Module):
 
     # ------------------------------------------------------------ persistence
     def describe(self) -> dict[str, Any]:
-        """Shape, tick and config as plain JSON-able data."""
+        """Shape, tick, family and config as plain JSON-able data."""
         return {
             "format_version": FORMAT_VERSION,
             "num_layers": self.num_layers,
             "num_experts": self.num_experts,
             "top_k": self.top_k,
             "ticks": self.ticks,
+            "family": self.family,
             **({"configs": [c.to_dict() for c in self.configs]} if self.stacked
                else {"config": self.configs[0].to_dict()}),
         }
 
     def save(self, directory: str | Path, metadata: dict[str, Any] | None = None) -> Path:
         """Write ``controller.safetensors`` (state) and ``controller_config.json`` (shape, tick,
-        config, plus ``metadata``) into ``directory``; tensors are copied to the CPU first."""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
+        family, config, the state's checksum, plus ``metadata``) into ``directory``, atomically.
+
+        Both files are written into a temporary directory that then replaces ``directory`` (its
+        other files are kept), so a failure leaves any previous controller there intact; tensors
+        are copied to the CPU first.
+
+        Raises:
+            ValueError: a tensor is non-finite (nothing non-finite is saved), or ``metadata`` uses a
+                key the description owns.
+        """
+        reserved = sorted(set(metadata or {}) & set(RESERVED_KEYS))
+        if reserved:
+            raise ValueError(f"PTController.save: metadata may not set {', '.join(reserved)} (recorded by the "
+                             f"controller itself)")
         tensors = {name: tensor.detach().to("cpu").contiguous() for name, tensor in self.state_dict().items()}
-        save_file(tensors, str(directory / STATE_FILE), metadata={"format": "chronovisor-pt"})
-        description = self.describe()
-        description.update(metadata or {})
-        (directory / CONFIG_FILE).write_text(json.dumps(description, indent=2, sort_keys=True) + "\n")
-        return directory
+        for name, tensor in tensors.items():
+            bad = torch.isinf(tensor) if name == "_loss_window" else ~torch.isfinite(tensor)
+            if bool(bad.any()):
+                raise ValueError(f"PTController.save: {name} holds non-finite values; refusing to save them "
+                                 f"(reset() the controller or retrain it)")
+        return write_controller(directory, tensors, {**self.describe(), **(metadata or {})})
 
     @staticmethod
-    def read_description(directory: str | Path) -> dict[str, Any]:
-        """The JSON written by :meth:`save`, with a clear error when the files are missing."""
-        directory = Path(directory)
-        for name in (STATE_FILE, CONFIG_FILE):
-            if not (directory / name).is_file():
-                raise FileNotFoundError(f"no saved controller in {directory}: {name} is missing")
-        description = json.loads((directory / CONFIG_FILE).read_text())
-        if description.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"{directory / CONFIG_FILE}: unsupported format_version "
-                             f"{description.get('format_version')!r} (expected {FORMAT_VERSION})")
-        return description
+    def read_description(directory: str | Path) -> SavedController:
+        """The validated ``controller_config.json`` written by :meth:`save` (see
+        :func:`~chronovisor.controllers.persistence.read_saved`, which raises naming file and field)."""
+        return read_saved(directory)
 
     def load_state(self, directory: str | Path) -> None:
         """Load a state saved by :meth:`save` into this controller (on its current device).
 
-        Raises ValueError naming the mismatch if the saved state has another shape or preset.
-        This controller keeps its own rates and mode; use :meth:`load` to take the saved config.
+        Raises ValueError naming the mismatch if the saved state has another shape or preset,
+        and :class:`~chronovisor.controllers.persistence.ControllerFileError` (a ValueError) naming
+        the file and the field if it is corrupt, non-finite or inconsistent. This controller keeps
+        its own rates and mode; use :meth:`load` to take the saved config.
         """
-        directory = Path(directory)
-        saved = self.read_description(directory)
-        for name in ("num_layers", "num_experts", "top_k"):
-            if saved[name] != getattr(self, name):
-                raise ValueError(f"controller in {directory} has {name}={saved[name]}, "
+        saved = read_saved(directory)
+        for name, have in saved.shape.items():
+            if have != getattr(self, name):
+                raise ValueError(f"controller in {saved.directory} has {name}={have}, "
                                  f"but this model needs {name}={getattr(self, name)}")
-        saved_configs = _saved_configs(saved)
-        if len(saved_configs) != self.num_groups:
-            raise ValueError(f"controller in {directory} has {len(saved_configs)} configuration group(s), "
+        if len(saved.configs) != self.num_groups:
+            raise ValueError(f"controller in {saved.directory} has {len(saved.configs)} configuration group(s), "
                              f"this controller has {self.num_groups}")
+        if None not in (saved.family, self.family) and saved.family != self.family:
+            raise ValueError(f"controller in {saved.directory} was saved for the {saved.family} family, "
+                             f"this controller is attached to a {self.family} model")
         for name in _STRUCTURAL_FIELDS:
-            have, want = getattr(saved_configs[0], name), getattr(self.configs[0], name)
+            have, want = getattr(saved.configs[0], name), getattr(self.configs[0], name)
             if have != want:
-                raise ValueError(f"controller in {directory} was saved with {name}={have!r}, "
+                raise ValueError(f"controller in {saved.directory} was saved with {name}={have!r}, "
                                  f"this controller has {name}={want!r}")
-        tensors = load_file(str(directory / STATE_FILE))
+        tensors = read_state(saved, self.state_dict())
         device = self._usage.device
         self.load_state_dict({name: tensor.to(device) for name, tensor in tensors.items()})
-        self.ticks = int(saved["ticks"])
+        self.ticks = saved.ticks
+        self.family = saved.family or self.family
 
     @classmethod
     def load(cls, directory: str | Path, map_location: str | torch.device | None = None) -> PTController:
         """Build a controller from a directory written by :meth:`save`, with its saved config."""
-        saved = cls.read_description(directory)
-        configs = _saved_configs(saved)
-        controller = cls(saved["num_layers"], saved["num_experts"], saved["top_k"],
-                         configs if "configs" in saved else configs[0])
+        saved = read_saved(directory)
+        controller = cls(saved.num_layers, saved.num_experts, saved.top_k,
+                         saved.configs if saved.stacked else saved.configs[0])
         if map_location is not None:
             controller.to(map_location)
         controller.load_state(directory)
@@ -472,6 +526,7 @@ def _check_configs(configs: tuple, stacked: bool) -> None:
                                  f"config {index} has {name}={value!r}, config 0 has {name}={reference[name]!r}")
 
 
-def _saved_configs(saved: dict[str, Any]) -> list[PTConfig]:
-    return [PTConfig.from_dict(c) for c in saved["configs"]] if "configs" in saved else [
-        PTConfig.from_dict(saved["config"])]
+def _describe_tensor(value: Any) -> str:
+    if not torch.is_tensor(value):
+        return type(value).__name__
+    return f"dtype {value.dtype} and shape {tuple(value.shape)}"

@@ -19,6 +19,7 @@ from pathlib import Path
 import safetensors.torch
 import torch
 
+from chronovisor.eval.errors import RunDirError
 from chronovisor.eval.inputs import Conversations, state_hash, training_schedule
 from chronovisor.eval.rundir import RunDir, write_json
 from chronovisor.eval.specs import CellSpec, LoadSpec, model_tag, stable_hash
@@ -94,11 +95,32 @@ def pretrained_base(cell: CellSpec, conversations: Conversations, run_dir: RunDi
             staging.rename(directory)
         except OSError:  # another process finished the same base first
             shutil.rmtree(staging, ignore_errors=True)
-    with _quiet_transformers():
-        weights = type(base).from_pretrained(directory).to(device)
-    expected = json.loads((directory / BASE_INFO).read_text())["state_hash"]
+    return _load_cached(type(base), directory, device)
+
+
+def _load_cached(model_class: type, directory: Path, device: torch.device) -> torch.nn.Module:
+    """The cached base in ``directory``, checked against the hash its ``base.json`` records.
+
+    Raises:
+        RunDirError: naming the directory when ``base.json`` or the weights are unreadable
+            (truncated, corrupt) or the weights differ from the recorded hash; deleting the
+            directory makes the next run pretrain the base again.
+    """
+    fix = f"delete {directory} and rerun: the base is pretrained again"
+    try:
+        info = json.loads((directory / BASE_INFO).read_text(encoding="utf-8"))
+        expected = info["state_hash"]
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as error:
+        raise RunDirError(f"cached base {directory / BASE_INFO} is unreadable ({type(error).__name__}: "
+                          f"{' '.join(str(error).split())}); {fix}") from None
+    try:
+        with _quiet_transformers():
+            weights = model_class.from_pretrained(directory).to(device)
+    except Exception as error:  # safetensors / transformers raise many kinds on a damaged file
+        raise RunDirError(f"cached base {directory} is unreadable ({type(error).__name__}: "
+                          f"{' '.join(str(error).split())[:200]}); {fix}") from None
     if state_hash(weights) != expected:
-        raise RuntimeError(f"cached base {directory} does not match its recorded hash; delete it and rerun")
+        raise RunDirError(f"cached base {directory} does not match its recorded hash; {fix}")
     return weights
 
 

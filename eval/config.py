@@ -39,13 +39,10 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import json
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-import yaml
 
 from chronovisor.controllers import PTConfig
 from chronovisor.eval.config_keys import (
@@ -59,6 +56,7 @@ from chronovisor.eval.config_keys import (
 )
 from chronovisor.eval.config_types import build, section_values
 from chronovisor.eval.errors import ConfigError
+from chronovisor.eval.jsonl import read_conversations
 from chronovisor.eval.overrides import apply_overrides, expand_env
 from chronovisor.eval.specs import (
     AUX_LOSS,
@@ -75,6 +73,8 @@ from chronovisor.eval.specs import (
     variant_arm,
     variant_config,
 )
+from chronovisor.eval.yaml_text import load_yaml
+from chronovisor.json_file import read_json_object
 
 _TOP_LEVEL = ("name", "protocol", "models", "model", "seeds", "primary", "data", "train", "eval", "load", "controller",
               "grid", "batch_configs")
@@ -171,9 +171,10 @@ def load_config(path: str | Path, overrides: Iterable[str] = ()) -> SweepConfig:
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as error:
-        raise ConfigError(f"{path}: not valid YAML ({error})") from None
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not UTF-8 text") from None
+    raw = load_yaml(text, str(path))
     try:
         raw = apply_overrides(raw if raw is not None else {}, overrides)
         return parse_config(expand_env(raw, ""), name=path.stem)
@@ -308,8 +309,20 @@ def _check_fits(config: SweepConfig) -> None:
             if _model_config(model).get("is_encoder_decoder", False):
                 raise ConfigError(f"eval.streaming: {model} is an encoder-decoder model; streaming evaluation "
                                   f"needs a decoder-only one")
-    if data.source == "jsonl" and not Path(data.path).expanduser().is_file():
-        raise ConfigError(f"data.path: file not found: {data.path}")
+    if data.source == "jsonl":
+        try:
+            read_conversations(Path(data.path).expanduser())
+        except (OSError, ValueError) as error:
+            raise ConfigError(f"data.path: {error}") from None
+    from chronovisor.model import check_model_directory
+    from chronovisor.wrappers.toy import TOY_PRESETS
+
+    for index, model in enumerate(config.models):
+        if model not in TOY_PRESETS and Path(model).expanduser().is_dir():
+            try:
+                check_model_directory(Path(model).expanduser())
+            except ValueError as error:
+                raise ConfigError(f"models[{index}]: {model}: {' '.join(str(error).split())}") from None
 
 
 def _model_config(model: str) -> dict[str, Any]:
@@ -319,4 +332,6 @@ def _model_config(model: str) -> dict[str, Any]:
     if model in TOY_PRESETS:
         return toy_config(model).to_dict()
     config_file = Path(model).expanduser() / "config.json"
-    return json.loads(config_file.read_text()) if config_file.is_file() else {}
+    if not config_file.is_file():
+        return {}
+    return read_json_object(config_file, ConfigError)

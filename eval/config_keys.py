@@ -23,6 +23,10 @@ _RESERVED_CONTROLLER_FIELDS = {
     "seed": "the controller seed is the cell's seed; list seeds at the top level",
     "learnable": "set by the protocol (True for controller_only, False otherwise)",
 }
+#: Seeds seed torch and numpy generators: integers in [0, 2**63).
+SEED_LIMIT = 2**63
+#: The most seeds a count may ask for (each seed is at least two cells).
+MAX_SEED_COUNT = 100_000
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -97,14 +101,14 @@ def parse_seeds(raw: dict[str, Any]) -> tuple[int, ...]:
         raise ConfigError("seeds: required (a count, or a list of integers)")
     value = raw["seeds"]
     if isinstance(value, int) and not isinstance(value, bool):
-        if value < 1:
-            raise ConfigError(f"seeds: a count must be at least 1, got {value}")
+        if not 1 <= value <= MAX_SEED_COUNT:
+            raise ConfigError(f"seeds: a count must lie in [1, {MAX_SEED_COUNT:,}], got {value}")
         return tuple(range(value))
     if not isinstance(value, list) or not value:
         raise ConfigError(f"seeds: expected a count or a non-empty list of integers, got {value!r}")
     for i, seed in enumerate(value):
-        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-            raise ConfigError(f"seeds[{i}]: expected a non-negative integer, got {seed!r}")
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < SEED_LIMIT:
+            raise ConfigError(f"seeds[{i}]: expected an integer in [0, 2**63) (a torch and numpy seed), got {seed!r}")
     if len(set(value)) != len(value):
         raise ConfigError("seeds: duplicate seeds")
     return tuple(value)

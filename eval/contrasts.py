@@ -22,13 +22,13 @@ from collections import defaultdict
 from dataclasses import dataclass
 
 import numpy as np
-import yaml
 
 from chronovisor.eval import stats
 from chronovisor.eval.pairing import Run, Setting, SettingSummary
 from chronovisor.eval.record import CellRecord
 from chronovisor.eval.rundir import RESOLVED_CONFIG
 from chronovisor.eval.specs import OFF, PLACEBO, Contrast
+from chronovisor.eval.yaml_text import load_yaml
 
 #: Significance level of the placebo's own t-test (MISCALIBRATED below it) and of the MDE.
 ALPHA = stats.DEFAULT_ALPHA
@@ -181,7 +181,7 @@ def declared_contrasts(run: Run) -> tuple[Contrast, ...]:
     :meth:`Contrast.parse` the config used when the sweep started.
     """
     path = run.run_dir.path / RESOLVED_CONFIG
-    config = yaml.safe_load(path.read_text()) if path.is_file() else run.manifest.get("config")
+    config = load_yaml(path.read_text(), str(path)) if path.is_file() else run.manifest.get("config")
     return tuple(Contrast.parse(text) for text in (config or {}).get("primary") or [])
 
 

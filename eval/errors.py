@@ -1,4 +1,4 @@
-"""The errors ``chronovisor.eval`` raises for bad input; ``chronovisor.cli`` prints them as one line and exits 1.
+"""The errors ``chronovisor.eval`` raises for bad input; ``chronovisor.cli`` prints them as one line and exits 2.
 
 Each message is one line that names the file, the key or the run directory, and says the fix.
 """

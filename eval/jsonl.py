@@ -37,8 +37,7 @@ def load_jsonl(
     (−1 where a line has none).
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"conversation file not found: {path}")
+    conversations = read_conversations(path)
     if max_length < 1:
         raise ValueError(f"max_length must be at least 1 (got {max_length})")
     if num_turn_ids < 1:
@@ -52,13 +51,6 @@ def load_jsonl(
         raise ValueError("tokenizer has neither a pad token nor an eos token; set tokenizer.pad_token")
     bos = [tokenizer.bos_token_id] if prepend_bos and tokenizer.bos_token_id is not None else []
 
-    conversations: list[tuple[int, list[str], str | None]] = []
-    with path.open(encoding="utf-8") as handle:
-        for line_number, line in enumerate(handle, start=1):
-            if line.strip():
-                conversations.append((line_number, *_parse_line(line, path, line_number)))
-    if not conversations:
-        raise ValueError(f"{path}: no conversations")
 
     topic_names = tuple(sorted({topic for _, _, topic in conversations if topic is not None}))
     sequences, turn_sequences, boundaries, topic_ids = [], [], [], []
@@ -80,6 +72,32 @@ def load_jsonl(
         boundaries.append(starts)
         topic_ids.append(topic_names.index(topic) if topic is not None else -1)
     return pad_batch(sequences, turn_sequences, boundaries, topic_ids, topic_names, pad_token_id)
+
+
+def read_conversations(path: str | Path) -> list[tuple[int, list[str], str | None]]:
+    """Every conversation of a JSONL file as ``(line number, turns, topic)``, checked line by line.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: ``FILE:LINE: what is wrong`` for the first malformed line (not JSON, not an
+            object with a non-empty ``"turns"`` list of strings, a non-string ``"topic"``, not
+            UTF-8), or a file without any conversation.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"conversation file not found: {path}")
+    conversations: list[tuple[int, list[str], str | None]] = []
+    with path.open("rb") as handle:
+        for line_number, raw in enumerate(handle, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise ValueError(f"{path}:{line_number}: not UTF-8 text") from None
+            if line.strip():
+                conversations.append((line_number, *_parse_line(line, path, line_number)))
+    if not conversations:
+        raise ValueError(f"{path}: no conversations")
+    return conversations
 
 
 def _parse_line(line: str, path: Path, line_number: int) -> tuple[list[str], str | None]:

@@ -8,19 +8,19 @@ import re
 from collections.abc import Iterable
 from typing import Any
 
-import yaml
-
 from chronovisor.eval.errors import ConfigError
+from chronovisor.eval.yaml_text import load_yaml
 
 _ENV_PATTERN = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
 def parse_assignment(text: str, placeholder: str = "KEY", example: str = "train.steps=20") -> tuple[str, Any]:
-    """``"key=value"`` → (key, value parsed as YAML); :class:`ConfigError` showing the expected form."""
+    """``"key=value"`` → (key, value parsed as YAML, see :func:`~chronovisor.eval.yaml_text.load_yaml`:
+    ``off`` stays a string); :class:`ConfigError` showing the expected form or the YAML error."""
     key, sep, value = text.partition("=")
     if not sep:
         raise ConfigError(f"--set {text!r}: expected {placeholder}=VALUE (e.g. {example})")
-    return key.strip(), yaml.safe_load(value)
+    return key.strip(), load_yaml(value, f"--set {text!r}")
 
 
 def apply_overrides(raw: dict[str, Any], overrides: Iterable[str]) -> dict[str, Any]:

@@ -22,7 +22,6 @@ different result"; its cell is then judged by the interval like any other.
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 import tempfile
@@ -33,14 +32,14 @@ from typing import Any
 
 import numpy as np
 import torch
-import yaml
 
 from chronovisor.eval import metrics
 from chronovisor.eval.config import SweepConfig, parse_resolved
 from chronovisor.eval.errors import ConfigError, RunDirError
 from chronovisor.eval.record import CellRecord, numerics
-from chronovisor.eval.rundir import RESOLVED_CONFIG, RunDir
+from chronovisor.eval.rundir import RESOLVED_CONFIG, RunDir, read_record_file
 from chronovisor.eval.specs import CellSpec, stable_hash
+from chronovisor.eval.yaml_text import load_yaml
 
 BIT_IDENTICAL = "bit-identical"
 INSIDE = "inside the interval"
@@ -116,15 +115,10 @@ def load_published(path: str | Path) -> Published:
         raise RunDirError(f"{config_path} is missing: {run_dir.path} is not a published run directory")
     if not run_dir.manifest_path.is_file():
         raise RunDirError(f"{run_dir.manifest_path} is missing: {run_dir.path} is not a published run directory")
+    manifest = run_dir.read_manifest()
     try:
-        manifest = run_dir.read_manifest()
-    except ValueError:
-        raise RunDirError(f"{run_dir.manifest_path}: not valid JSON") from None
-    try:
-        config = parse_resolved(yaml.safe_load(config_path.read_text()) or {},
-                              name=run_dir.path.name)
-    except yaml.YAMLError:
-        raise RunDirError(f"{config_path}: not valid YAML") from None
+        config = parse_resolved(load_yaml(config_path.read_text(), str(config_path)) or {},
+                                name=run_dir.path.name)
     except ConfigError as error:
         raise RunDirError(f"{config_path}: {error}") from None
     if manifest.get("config_hash") != config.config_hash:
@@ -142,12 +136,7 @@ def load_published(path: str | Path) -> Published:
         raise RunDirError(f"{run_dir.cells_dir}: no cell records (*.json)")
     records = {}
     for file in files:
-        try:
-            record = CellRecord.from_dict(json.loads(file.read_text()))
-        except (ValueError, TypeError, KeyError, AttributeError) as error:
-            raise RunDirError(f"{file}: not a cell record ({type(error).__name__}: {error})") from None
-        if record.cell_id != file.stem:
-            raise RunDirError(f"{file}: records cell {record.cell_id!r}, not the cell its file name says")
+        record = read_record_file(file)
         cell = cells.get(record.cell_id)
         if cell is None:
             raise RunDirError(f"{file}: cell {record.cell_id} is not a cell of {config_path}")

@@ -17,7 +17,9 @@ import datetime as _dt
 import json
 import os
 import platform
+import re
 import subprocess
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
@@ -27,6 +29,8 @@ import yaml
 
 from chronovisor.eval.errors import RunDirError
 from chronovisor.eval.record import ArmResult, CellRecord
+from chronovisor.eval.specs import stable_hash
+from chronovisor.json_file import read_json_object
 
 MANIFEST = "manifest.json"
 RESOLVED_CONFIG = "config.yaml"
@@ -36,6 +40,11 @@ BASES_DIR = "bases"
 SUMMARY = "summary.md"
 PLOTS_DIR = "plots"
 MANIFEST_FORMAT = 1
+#: What a cell id looks like (:attr:`~chronovisor.eval.specs.CellSpec.cell_id`): a plain file name,
+#: so that no manifest can make the report read outside ``cells/``.
+CELL_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
+#: Manifest keys the report reads, and their JSON types.
+_MANIFEST_KEYS = {"name": str, "config": dict, "config_hash": str, "cells": list, "versions": dict}
 
 
 # ------------------------------------------------------------------------------ atomic writes
@@ -101,6 +110,10 @@ class RunDir:
         return self.path / CELLS_DIR
 
     def cell_path(self, cell_id: str) -> Path:
+        """``cells/<cell_id>.json``; :class:`RunDirError` for an id that is not a plain file name."""
+        if not isinstance(cell_id, str) or not CELL_ID.match(cell_id) or ".." in cell_id:
+            raise RunDirError(f"{self.manifest_path}: cell id {cell_id!r} is not a cell file name "
+                              f"(letters, digits, '.', '_', '+', '-'); the manifest is corrupt")
         return self.cells_dir / f"{cell_id}.json"
 
     def routing_path(self, cell_id: str) -> Path:
@@ -136,28 +149,56 @@ class RunDir:
         write_json(self.cell_path(cell_id), result.record.to_dict())
 
     def read_record(self, cell_id: str) -> CellRecord | None:
-        """The record of a finished cell (None if its JSON is not there)."""
-        try:
-            return CellRecord.from_dict(json.loads(self.cell_path(cell_id).read_text()))
-        except FileNotFoundError:
+        """The record of a finished cell (None if its JSON is not there).
+
+        Raises:
+            RunDirError: naming the file: see :func:`read_record_file`; or a spec that does not
+                hash to its cell id (an edited record).
+        """
+        path = self.cell_path(cell_id)
+        if not path.is_file():
             return None
+        record = read_record_file(path)
+        if not cell_id.endswith("_" + stable_hash(record.spec)[:8]):
+            raise RunDirError(f"{path}: its spec does not match the settings its cell id was made from (an edited "
+                              f"record); delete it and resume the sweep to re-run the cell")
+        return record
 
     def read_routing(self, cell_id: str) -> dict[str, np.ndarray]:
-        """The held-out routing of a cell: ``[N_real, k]`` expert ids per layer name."""
-        with np.load(self.routing_path(cell_id)) as stored:
-            names = [str(name) for name in stored["layer_names"]]
-            return {name: stored[f"layer{i}"] for i, name in enumerate(names)}
+        """The held-out routing of a cell: ``[N_real, k]`` expert ids per layer name.
+
+        Raises:
+            RunDirError: the file is missing, truncated or not a routing file (naming it).
+        """
+        path = self.routing_path(cell_id)
+        try:
+            with np.load(path, allow_pickle=False) as stored:
+                names = [str(name) for name in stored["layer_names"]]
+                return {name: stored[f"layer{i}"] for i, name in enumerate(names)}
+        except (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile) as error:
+            raise RunDirError(f"{path}: not a readable routing file ({type(error).__name__}: {error}); delete it and "
+                              f"its cell JSON and resume the sweep to re-run the cell") from None
 
     # -- the manifest --------------------------------------------------------------------------
     def read_manifest(self) -> dict[str, Any]:
-        """The manifest; :class:`RunDirError` if there is none."""
-        if not self.manifest_path.is_file():
+        """The manifest; :class:`RunDirError` naming the file if there is none, or it is not JSON, not
+        an object, lacks a key the report reads, or lists a cell id that is not a file name."""
+        path = self.manifest_path
+        if not path.is_file():
             raise RunDirError(f"{self.path} is not a sweep run directory: {MANIFEST} is missing")
-        return json.loads(self.manifest_path.read_text())
+        manifest = read_json_object(path, RunDirError)
+        for key, kind in _MANIFEST_KEYS.items():
+            if not isinstance(manifest.get(key), kind):
+                raise RunDirError(f"{path}: key {key!r} is missing or not a {kind.__name__}")
+        for cell_id in manifest["cells"]:
+            self.cell_path(cell_id)
+        return manifest
 
     def manifest_for(self, config_hash: str) -> dict[str, Any] | None:
         """The existing manifest (None if there is none), after checking it belongs to the config
         with ``config_hash``; :class:`RunDirError` if it holds another config's run."""
+        if self.path.exists() and not self.path.is_dir():
+            raise RunDirError(f"{self.path}: exists and is not a directory; a run directory must be a directory")
         if not self.manifest_path.is_file():
             return None
         manifest = self.read_manifest()
@@ -205,6 +246,24 @@ class RunDir:
         if manifest.get("finished") is None:
             manifest["finished"] = _now()
             write_json(self.manifest_path, manifest)
+
+
+def read_record_file(path: Path) -> CellRecord:
+    """The :class:`CellRecord` in a cell file, checked to be the record of the cell its file name says.
+
+    Raises:
+        RunDirError: naming the file: not JSON, not a cell record (e.g. a missing key), or a
+            record of another cell (its ``cell_id`` is not the file name).
+    """
+    data = read_json_object(path, RunDirError)
+    try:
+        record = CellRecord.from_dict(data)
+    except (TypeError, KeyError, AttributeError, ValueError) as error:
+        problem = f"missing key {error}" if isinstance(error, KeyError) else f"{type(error).__name__}: {error}"
+        raise RunDirError(f"{path}: not a cell record ({problem})") from None
+    if record.cell_id != path.stem:
+        raise RunDirError(f"{path}: records cell {record.cell_id!r}, not the cell its file name says")
+    return record
 
 
 def library_versions() -> dict[str, str]:

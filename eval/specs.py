@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from chronovisor.controllers import MODES, PTConfig
 from chronovisor.eval import metrics, synthetic
 
@@ -166,6 +168,11 @@ class LoadSpec:
 
     device_map: str | None = None
     torch_dtype: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.torch_dtype is not None and not isinstance(getattr(torch, self.torch_dtype, None), torch.dtype):
+            raise ValueError(f"load.torch_dtype: {self.torch_dtype!r} is not a torch dtype (e.g. float32, bfloat16, "
+                             f"float16)")
 
 
 def variant_config(label: str, **fields: Any) -> PTConfig:

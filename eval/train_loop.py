@@ -8,6 +8,7 @@ CE plus the router losses (:func:`~chronovisor.eval.router_losses.aux_loss_objec
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -15,6 +16,7 @@ import torch
 from chronovisor.eval import data as data_lib
 from chronovisor.eval.inputs import ModelInputs, mean_loss, model_inputs, model_of
 from chronovisor.eval.record import TrainSummary
+from chronovisor.training import NonFiniteTrainingError
 
 #: Final training steps averaged into the reported (in-sample) training loss, as in the reference's
 #: ablation (mean of the last 50 per-step losses).
@@ -53,19 +55,25 @@ def train_steps(
         after_step: ``after_step(step, ce)`` runs after each optimiser step (the controller's tick).
         objective: what each step minimises (:data:`Objective`; default plain CE). The returned
             losses are the CE of each step.
+
+    Raises:
+        NonFiniteTrainingError: a step's loss is NaN or infinite (checked before its update).
     """
     optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=weight_decay)
     losses = []
     for step, indices in enumerate(schedule):
         inputs = model_inputs(model_of(model), batches.select(indices), device)
         loss, ce = objective(model, inputs)
+        detached = ce.detach()
+        losses.append(float(detached))
+        if not (math.isfinite(losses[-1]) and (loss is ce or math.isfinite(float(loss.detach())))):
+            raise NonFiniteTrainingError(f"training step {step}: the loss is not finite ({losses[-1]}); stopped "
+                                         f"before the update, nothing is recorded (lower train.lr)")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        detached = ce.detach()
         if after_step is not None:
             after_step(step, detached)
-        losses.append(float(detached))
     return losses
 
 

@@ -616,13 +616,13 @@ def test_all_losses_non_finite_give_zero_credit():
     assert torch.equal(controller.T_bar_local, torch.ones(1, 4))
 
 
-def test_nan_and_inf_weights_count_as_zero_weight():
+def test_a_token_with_a_nan_weight_is_not_counted_and_infinite_weights_count_as_zero_weight():
     controller = make(num_experts=4, top_k=2)
     pin_phases(controller, [[1.0, 1.0, 1.0, 1.0]])
     controller.observe(0, ids((0, 1), (2, 3)), torch.tensor([[math.nan, math.inf], [-math.inf, 0.5]]))
     controller.step()
     close(phases_of(controller), [[1.0, 1.0, 1.0, 1.05]])  # only expert 3 moves: 0.1 · 0.5 / 1
-    close(controller.usage, [[1.0, 1.0, 1.0, 1.0]], rtol=0, atol=0)  # the selections still count
+    close(controller.usage, [[0.0, 0.0, 1.0, 1.0]], rtol=0, atol=0)  # the NaN-routed token is left out
     assert_all_finite(controller)
 
 
@@ -1048,7 +1048,8 @@ _GUARD_CONFIGS = [
 
 
 def _run_without_host_reads(controller: PTController, monkeypatch, per_group_losses: bool = False) -> None:
-    """20 ticks of modulate / selection_bias / observe / step with every host-reading call patched to raise."""
+    """20 ticks of modulate / selection_bias / record_selection (the hooks' observe) / step with every
+    host-reading call patched to raise."""
     C = controller.num_groups
     generator = torch.Generator().manual_seed(0)
     batches = [random_routing(generator, 4 * C, controller.num_experts, controller.top_k) for _ in range(40)]
@@ -1073,7 +1074,7 @@ def _run_without_host_reads(controller: PTController, monkeypatch, per_group_los
                 if z.requires_grad:  # learnable offsets (mode off returns the logits untouched)
                     z.sum().backward()
                 controller.selection_bias(layer, num_tokens=4 * C if controller.stacked else None)
-                controller.observe(layer, index, weights, mask=masks[t])
+                controller.record_selection(layer, index, weights, mask=masks[t])
             controller.step(loss=losses[t] if t % 4 else None)
     assert controller.ticks == 20
     assert_all_finite(controller)

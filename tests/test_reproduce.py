@@ -46,6 +46,15 @@ def reproduce(*argv: str) -> tuple[int, str]:
     return status, out.getvalue()
 
 
+def refused(capsys, *argv: str) -> str:
+    """The one stderr line of ``chronovisor reproduce ARGV``, which must exit with the user-error status 2."""
+    status, _ = reproduce(*argv)
+    assert status == 2
+    err = capsys.readouterr().err
+    assert err.startswith("chronovisor reproduce: error: ") and err.count("\n") == 1, err
+    return err
+
+
 def tree_digest(path: Path) -> str:
     """Names, contents and modification times of every file under ``path``."""
     digest = hashlib.sha256()
@@ -177,39 +186,31 @@ def test_the_prediction_interval_is_mean_plus_minus_t_sd_times_root_one_plus_one
 
 # --------------------------------------------------------------------------- bad input
 @pytest.mark.parametrize("missing", ["manifest.json", "config.yaml", "cells"])
-def test_a_run_directory_missing_a_part_exits_one_with_one_line_naming_it(copy, missing):
+def test_a_run_directory_missing_a_part_exits_two_with_one_line_naming_it(capsys, copy, missing):
     target = copy / missing
     shutil.rmtree(target) if target.is_dir() else target.unlink()
-    with pytest.raises(SystemExit) as error:
-        reproduce(str(copy), "--cells", "1")
-    message = str(error.value.code)
-    assert message.startswith("chronovisor reproduce: error: ") and "\n" not in message
-    assert str(target) in message
+    assert str(target) in refused(capsys, str(copy), "--cells", "1")
 
 
-def test_a_cell_file_holding_another_cells_record_exits_one_naming_the_file(copy):
+def test_a_cell_file_holding_another_cells_record_exits_two_naming_the_file(capsys, copy):
     on_id, _ = first_choice(copy)
     foreign = copy / "cells" / "joint_mixtral-tiny_s0_pt_eta0.5_P0.5_00000000.json"
     shutil.copy(copy / "cells" / f"{on_id}.json", foreign)
-    with pytest.raises(SystemExit) as error:
-        reproduce(str(copy), "--cells", "1")
-    assert f"{foreign}: records cell {on_id!r}, not the cell its file name says" in str(error.value.code)
+    message = refused(capsys, str(copy), "--cells", "1")
+    assert f"{foreign}: records cell {on_id!r}, not the cell its file name says" in message
 
 
-def test_a_cell_record_of_another_run_exits_one_naming_the_file(copy):
+def test_a_cell_record_of_another_run_exits_two_naming_the_file(capsys, copy):
     on_id, _ = first_choice(copy)
     foreign = copy / "cells" / "joint_other_s9_pt_00000000.json"
     edit_record(copy, on_id, lambda record: record.update(cell_id=foreign.stem))
     (copy / "cells" / f"{on_id}.json").rename(foreign)
-    with pytest.raises(SystemExit) as error:
-        reproduce(str(copy), "--cells", "1")
-    assert f"{foreign}: cell {foreign.stem} is not a cell of {copy / 'config.yaml'}" in str(error.value.code)
+    message = refused(capsys, str(copy), "--cells", "1")
+    assert f"{foreign}: cell {foreign.stem} is not a cell of {copy / 'config.yaml'}" in message
 
 
-def test_a_scratch_directory_inside_the_published_run_is_refused(copy):
-    with pytest.raises(SystemExit) as error:
-        reproduce(str(copy), "--cells", "1", "--out", str(copy / "scratch"))
-    assert "reproduce never writes there" in str(error.value.code)
+def test_a_scratch_directory_inside_the_published_run_is_refused(capsys, copy):
+    assert "reproduce never writes there" in refused(capsys, str(copy), "--cells", "1", "--out", str(copy / "scratch"))
     assert not (copy / "scratch").exists()
 
 

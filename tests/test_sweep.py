@@ -99,22 +99,21 @@ def test_bad_configs_fail_naming_the_key(change, key):
     assert key in str(error.value)
 
 
-def test_a_bad_config_fails_in_the_cli_naming_file_and_key_before_any_work(tmp_path):
+def test_a_bad_config_fails_in_the_cli_naming_file_and_key_before_any_work(capsys, tmp_path):
     config = write_config(tmp_path / "bad.yaml", tiny_config(train={"steps": 6, "learning_rate": 1e-3}))
     out = tmp_path / "run"
-    with pytest.raises(SystemExit) as error:
-        cli.main(["sweep", str(config), "--out", str(out)])
-    message = str(error.value)
-    assert message.startswith("chronovisor sweep: error: ") and "\n" not in message
+    assert cli.main(["sweep", str(config), "--out", str(out)]) == 2
+    message = capsys.readouterr().err
+    assert message.startswith("chronovisor sweep: error: ") and message.count("\n") == 1
     assert str(config) in message and "train.learning_rate" in message
     assert not out.exists()
 
 
-def test_a_bad_config_exits_with_status_one_and_one_line_on_stderr(tmp_path):
+def test_a_bad_config_exits_with_status_two_and_one_line_on_stderr(tmp_path):
     config = write_config(tmp_path / "bad.yaml", tiny_config(seeds=0))
     completed = subprocess.run([sys.executable, "-m", "chronovisor.cli", "sweep", str(config), "--out",
                                 str(tmp_path / "run")], env=cli_env(), capture_output=True, text=True, timeout=120)
-    assert completed.returncode == 1
+    assert completed.returncode == 2
     assert completed.stderr.strip().splitlines() == [completed.stderr.strip()]
     assert "seeds" in completed.stderr
 

@@ -8,7 +8,7 @@ One router call, inside the HF forward (``prepend=True`` forward hook on the rou
         z      = controller.modulate(layer, logits)    # [tokens, E], float32, on logits.device
         bias   = controller.selection_bias(layer)      # [E] / [tokens, E] or None (``loss_free`` only)
         routing = adapter.select(router, args, output, z, bias)   # the family's exact selection on z
-        controller.observe(layer, ids, weights, mask)  # detached; padding excluded
+        controller.record_selection(layer, ids, weights, mask)  # detached; padding excluded
         recorder.append(...)                           # optional, stays on the device
         return routing.output                          # replaces the router's output tuple
 
@@ -515,7 +515,7 @@ class Attachment:
                 return new_output                # same routing again, but it must not count twice
             mask = self.token_mask(site, routing.expert_index.shape[0], routing.expert_index.device)
             if self._observing:
-                controller.observe(layer, routing.expert_index.detach(), routing.weights.detach(), mask)
+                controller.record_selection(layer, routing.expert_index.detach(), routing.weights.detach(), mask)
             if self._recorder is not None:
                 self._recorder.append(layer, routing, mask)
             return new_output

@@ -197,7 +197,9 @@ class Routers:
         if not self.adapter.supports_selection_bias and any(c.dynamics == "loss_free" for c in controller.configs):
             raise WrapperError(f"the loss_free dynamics needs a choice-only selection bias, which the {info.family} "
                                f"family does not have ({info.selection_rule}); use another dynamics")
-        return Attachment(model, controller, self.adapter, list(self.sites), info)
+        attachment = Attachment(model, controller, self.adapter, list(self.sites), info)
+        controller.family = info.family          # recorded by controller.save()
+        return attachment
 
 
 def discover(model: nn.Module, *, stacks: Sequence[str] | None = None) -> Routers:
