@@ -27,9 +27,11 @@ test: env
 test-gpu: env
 	$(PY) -m pytest -q -m gpu
 
-# Expected time: DEMO_TIME (measured, see the README); a rerun skips finished cells.
+# Measured: 290 CPU-seconds on one thread (21 cells of ~13 s, then the report), so ~5 minutes on an
+# idle core; 41 minutes on a 2-core machine shared at load average 13-15. A rerun skips finished cells.
 demo: env
-	@echo "demo: 24 cells (3 seeds x 8 arms), $(DEMO_THREADS) torch thread(s); expected DEMO_TIME"
+	@echo "demo: 21 cells (3 seeds x 7 arms) on $(DEMO_THREADS) torch thread(s), then the report:" \
+	      "about 5 minutes on an idle core, longer on a busy machine (41 min at load average 14 on 2 cores)"
 	OMP_NUM_THREADS=$(DEMO_THREADS) MKL_NUM_THREADS=$(DEMO_THREADS) $(PY) -m chronovisor.cli sweep configs/quickstart.yaml --out runs/quickstart
 	OMP_NUM_THREADS=$(DEMO_THREADS) MKL_NUM_THREADS=$(DEMO_THREADS) $(PY) -m chronovisor.cli report runs/quickstart
 
