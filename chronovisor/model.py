@@ -22,6 +22,7 @@ from torch import nn
 from chronovisor.controllers import PTConfig, PTController
 from chronovisor.peft_support import adapter_parameters, has_adapter, is_peft_model, load_adapter
 from chronovisor.wrappers import Attachment, ModelInfo, Routers, build_toy, discover, list_presets
+from chronovisor.wrappers.toy import closest_preset
 
 #: ``step_mode`` values: ``"auto"`` steps the controller after every call, ``"manual"`` leaves it to the
 #: caller, ``"optimizer"`` steps once per optimizer step and freezes the controller in eval mode (trainers).
@@ -441,6 +442,10 @@ def load_base_model(name_or_path: str, *, seed: int = 0, device_map: str | dict 
     if path.exists() and not (path / "config.json").is_file():
         raise FileNotFoundError(f"{name_or_path} is a path but holds no config.json (not a transformers model "
                                 f"directory); toy presets are: {', '.join(list_presets())}")
+    guess = None if path.exists() else closest_preset(name_or_path)
+    if guess is not None:  # fail fast instead of asking the hub (which retries) for a typo
+        raise FileNotFoundError(f"unknown model {name_or_path!r}: did you mean the toy preset {guess!r}? "
+                                f"(not a local directory; presets: {', '.join(list_presets())})")
     try:
         config = AutoConfig.from_pretrained(name_or_path)
     except OSError as error:

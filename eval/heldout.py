@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from transformers import DynamicCache
 
 from chronovisor.eval import data as data_lib
 from chronovisor.eval import metrics
@@ -199,7 +200,7 @@ def _stream_conversation(wrapped, conversation: data_lib.ConversationBatch, inde
     tokens = conversation.input_ids[0]
     length = int(conversation.lengths[0])
     bounds = [*conversation.turn_boundaries[0], length]
-    cache = None
+    cache = DynamicCache(config=wrapped.model.config)  # filled in place, turn after turn
     for start, end in zip(bounds[:-1], bounds[1:], strict=True):
         if end <= start:
             continue
@@ -208,6 +209,5 @@ def _stream_conversation(wrapped, conversation: data_lib.ConversationBatch, inde
         targets[0, : last - start] = tokens[start + 1: last + 1]
         with wrapped.record_routing() as record:
             output = wrapped(input_ids=tokens[start:end][None], attention_mask=torch.ones(1, end, dtype=torch.long, device=device),
-                        past_key_values=cache, use_cache=True)
-        cache = output.past_key_values
+                             cache=cache, use_cache=True)
         yield accumulator.add(output.logits, targets, conversation.turn_ids[:, start:end], record, [index])

@@ -64,17 +64,28 @@ def load_conversations(spec: DataSpec, seed: int, model: str, protocol: str) -> 
         train_stream = synthetic.ConversationGenerator(config, seed=seed, split="train")
         train = train_stream.sample(spec.num_train)
         warmup = train_stream.sample(spec.num_warmup) if protocol == "frozen" and spec.num_warmup else None
-        heldout = synthetic.ConversationGenerator(config, seed=seed, split="heldout").sample(spec.num_heldout)
+        heldout = heldout_conversations(spec, seed, model)
         floor = _loss_floor(spec, seed, heldout)
         vocab_size = config.vocab_size
     else:
-        tokenizer = spec.tokenizer or model
-        batch = jsonl.load_jsonl(spec.path, tokenizer, max_length=spec.max_length)
+        batch = _jsonl_batch(spec, model)
         train, heldout = data_lib.split_batch(batch, spec.heldout_fraction, seed=seed)
         warmup = train.select(range(min(spec.num_warmup, len(train)))) if protocol == "frozen" and spec.num_warmup else None
         floor, vocab_size = None, int(batch.input_ids.max()) + 1
     ngram = baselines.ngram_baselines(train, heldout, vocab_size)
     return Conversations(train, heldout, warmup, floor, ngram, vocab_size)
+
+
+def heldout_conversations(spec: DataSpec, seed: int, model: str) -> data_lib.ConversationBatch:
+    """The held-out conversations of a seed, exactly as :func:`load_conversations` gives them (the
+    report rebuilds them to label the tokens of the routing files by turn)."""
+    if spec.source == "synthetic":
+        return synthetic.ConversationGenerator(spec.conversation_config, seed=seed, split="heldout").sample(spec.num_heldout)
+    return data_lib.split_batch(_jsonl_batch(spec, model), spec.heldout_fraction, seed=seed)[1]
+
+
+def _jsonl_batch(spec: DataSpec, model: str) -> data_lib.ConversationBatch:
+    return jsonl.load_jsonl(spec.path, spec.tokenizer or model, max_length=spec.max_length)
 
 
 #: (data spec hash, seed) -> its held-out loss floor: every arm of a seed shares it, and the exact
@@ -153,7 +164,7 @@ def model_inputs(model: torch.nn.Module, batch: data_lib.ConversationBatch, devi
     # Position t of the decoder reads x_{t-1} (the start token at t = 0) and predicts x_t.
     decoder_input_ids = torch.cat([torch.full((B, 1), start, dtype=torch.long, device=device),
                                    batch.input_ids[:, :-1]], dim=1)
-    turn_ids = torch.cat([batch.turn_ids[:, :1], batch.turn_ids[:, :-1]], dim=1).masked_fill(mask == 0, -1)
+    turn_ids = decoder_turn_ids(batch.turn_ids, mask)
     targets = batch.labels.clone()
     targets[:, 0] = data_lib.IGNORE_INDEX  # x_0 has no prefix; score x_1 … x_{n-1} like a causal LM
     encoder_ids = torch.full((B, 1), config.pad_token_id, dtype=torch.long, device=device)
@@ -167,6 +178,12 @@ def model_inputs(model: torch.nn.Module, batch: data_lib.ConversationBatch, devi
         targets=targets,
         turn_ids=turn_ids,
     )
+
+
+def decoder_turn_ids(turn_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """The turn each decoder position of the encoder–decoder layout reads: position t reads x_{t−1}
+    (position 0 reads the start token and counts as the first token's turn); −1 on padding."""
+    return torch.cat([turn_ids[:, :1], turn_ids[:, :-1]], dim=1).masked_fill(attention_mask == 0, -1)
 
 
 def repeat_groups(kwargs: dict[str, torch.Tensor], groups: int) -> dict[str, torch.Tensor]:

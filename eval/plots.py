@@ -1,5 +1,7 @@
 """The report's figures: η × P heatmaps and field trajectories, one PNG per group of settings; per-seed
-Δloss % strip plots with the placebo band, one per (protocol, model); training curves on vs off, one per arm.
+Δloss % strip plots with the placebo band, one per (protocol, model); training curves on vs off, one per arm;
+routing maps (expert × turn, its change against the off arm, expert × layer) and per-expert load, one
+per (protocol, model).
 
 A group is (protocol, model, arm, the other varying controller fields); matplotlib runs headless (Agg).
 """
@@ -13,6 +15,8 @@ import numpy as np
 
 from chronovisor.eval.contrasts import arm_labels, by_group, noise_floors, seed_deltas
 from chronovisor.eval.pairing import SettingSummary, varying_fields
+from chronovisor.eval.routing_maps import ArmRouting
+from chronovisor.eval.rundir import file_slug
 
 
 def _group_key(summary: SettingSummary, extra: list[str]) -> tuple:
@@ -23,7 +27,7 @@ def _group_key(summary: SettingSummary, extra: list[str]) -> tuple:
 
 def _slug(parts: tuple) -> str:
     protocol, model, variant, rest = parts
-    return _file_slug("_".join([protocol, Path(model).name, variant] + [f"{key}-{value}" for key, value in rest]))
+    return file_slug("_".join([protocol, Path(model).name, variant] + [f"{key}-{value}" for key, value in rest]))
 
 
 def plot_heatmaps(summaries: list[SettingSummary], plots_dir: Path) -> list[Path]:
@@ -146,8 +150,9 @@ def _pyplot():
     return plt
 
 
-def _file_slug(text: str) -> str:
-    return "".join(c if c.isalnum() or c in "-._" else "-" for c in text.replace("η", "eta"))
+def _group_slug(protocol: str, model: str) -> str:
+    """The file-name part of a (protocol, model) group's figures."""
+    return file_slug(f"{protocol}_{Path(model).name}")
 
 
 def plot_deltas(summaries: list[SettingSummary], plots_dir: Path) -> list[Path]:
@@ -174,7 +179,7 @@ def plot_deltas(summaries: list[SettingSummary], plots_dir: Path) -> list[Path]:
         axis.set_title(f"{protocol} · {Path(model).name} · per-seed Δloss % (bar = mean)", fontsize=10)
         if floor is not None:
             axis.legend(fontsize=7, loc="best")
-        paths.append(_write(figure, plots_dir / f"deltas_{_file_slug(f'{protocol}_{Path(model).name}')}.png"))
+        paths.append(_write(figure, plots_dir / f"deltas_{_group_slug(protocol, model)}.png"))
     return paths
 
 
@@ -202,6 +207,84 @@ def plot_training(summaries: list[SettingSummary], plots_dir: Path) -> list[Path
         axis.set_title(f"{summary.setting.protocol} · {Path(summary.setting.model).name} · {label} vs off "
                        "(band = min–max over seeds)", fontsize=9)
         axis.legend(fontsize=7)
-        slug = _file_slug(f"{summary.setting.protocol}_{Path(summary.setting.model).name}_{label}")
+        slug = file_slug(f"{summary.setting.protocol}_{Path(summary.setting.model).name}_{label}")
         paths.append(_write(figure, plots_dir / f"training_{slug}.png"))
+    return paths
+
+
+def plot_routing(groups: dict[tuple[str, str], list[ArmRouting]], plots_dir: Path) -> list[Path]:
+    """One PNG per (protocol, model), one row per arm (off first): the share of each turn's top-k slots
+    per expert (mean over layers and seeds), that share minus the off arm's, and the share of each
+    layer's slots per expert (mean over seeds); experts ranked by their seed's off-arm load."""
+    plt = _pyplot()
+    from matplotlib.colors import TwoSlopeNorm
+
+    paths = []
+    for (protocol, model), arms in groups.items():
+        off = arms[0]
+        turn_maps = [arm.by_turn for arm in arms if arm.by_turn is not None]
+        high = max([float(np.nanmax(m)) for m in turn_maps] + [float(arm.load.max()) for arm in arms])
+        changes = [arm.by_turn - off.by_turn for arm in arms[1:] if arm.by_turn is not None and off.by_turn is not None]
+        bound = max([float(np.nanmax(np.abs(c))) for c in changes] + [1e-12])
+        experts = off.load.shape[1]
+        figure, axes = plt.subplots(len(arms), 3, figsize=(3.2 * 3 + 1.6, 1.9 * len(arms) + 0.8), squeeze=False)
+        for row, arm in zip(axes, arms, strict=True):
+            if arm.by_turn is None:
+                for axis in row[:2]:
+                    axis.text(0.5, 0.5, f"turns unknown:\n{arm.reason}", ha="center", va="center", fontsize=6, wrap=True)
+                    axis.set_axis_off()
+            else:
+                image = row[0].imshow(arm.by_turn, cmap="viridis", vmin=0.0, vmax=high, aspect="auto")
+                row[0].set_yticks(range(len(arm.turns)), arm.turns, fontsize=6)
+                figure.colorbar(image, ax=row[0], fraction=0.046, pad=0.04)
+                if arm is off or off.by_turn is None:
+                    row[1].text(0.5, 0.5, "(the reference row)" if arm is off else "", ha="center", va="center",
+                                fontsize=8)
+                    row[1].set_axis_off()
+                else:
+                    image = row[1].imshow(arm.by_turn - off.by_turn, cmap="RdBu_r", aspect="auto",
+                                          norm=TwoSlopeNorm(0.0, -bound, bound))
+                    row[1].set_yticks(range(len(arm.turns)), arm.turns, fontsize=6)
+                    figure.colorbar(image, ax=row[1], fraction=0.046, pad=0.04)
+            image = row[2].imshow(arm.load, cmap="viridis", vmin=0.0, vmax=high, aspect="auto")
+            row[2].set_yticks(range(len(arm.layers)), [f"layer {i}" for i in range(len(arm.layers))], fontsize=6)
+            figure.colorbar(image, ax=row[2], fraction=0.046, pad=0.04)
+            row[0].set_ylabel(arm.label, fontsize=9)
+            for axis in row:
+                if axis.axison:
+                    axis.set_xticks(range(experts), [str(e) for e in range(experts)], fontsize=6)
+        for axis, title in zip(axes[0], ("share of each turn's slots per expert", "minus the off arm's",
+                                         "share of each layer's slots per expert"), strict=True):
+            axis.set_title(title, fontsize=9)
+        for axis in axes[-1]:
+            axis.set_xlabel("expert, ranked by its seed's off-arm load", fontsize=8)
+        figure.suptitle(f"{protocol} · {Path(model).name} · held-out routing, mean over seeds "
+                        f"(uniform = 1/{experts} = {1 / experts:.3f})", fontsize=10)
+        paths.append(_write(figure, plots_dir / f"routing_{_group_slug(protocol, model)}.png"))
+    return paths
+
+
+def plot_load(groups: dict[tuple[str, str], list[ArmRouting]], plots_dir: Path) -> list[Path]:
+    """One PNG per (protocol, model): each expert's share of the held-out top-k slots (mean over layers),
+    one bar per arm (mean over seeds, min–max over seeds as the error bar), uniform load dashed; experts
+    ranked by their seed's off-arm load."""
+    plt = _pyplot()
+    paths = []
+    for (protocol, model), arms in groups.items():
+        experts = arms[0].load.shape[1]
+        width = 0.8 / len(arms)
+        figure, axis = plt.subplots(figsize=(max(5.6, 0.9 * experts + 2.0), 3.6))
+        for index, arm in enumerate(arms):
+            mean = arm.expert_load.mean(axis=0)
+            spread = np.stack([mean - arm.expert_load.min(axis=0), arm.expert_load.max(axis=0) - mean])
+            axis.bar(np.arange(experts) - 0.4 + width * (index + 0.5), mean, width, yerr=spread, capsize=1.5,
+                     label=arm.label, error_kw=dict(lw=0.6))
+        axis.axhline(1 / experts, color="0.3", ls="--", lw=0.8, label="uniform")
+        axis.set_xticks(range(experts), [str(e) for e in range(experts)])
+        axis.set_xlabel("expert, ranked by its seed's off-arm load (0 = most loaded)")
+        axis.set_ylabel("share of held-out top-k slots")
+        axis.set_title(f"{protocol} · {Path(model).name} · load per expert (mean over layers and seeds; "
+                       "bar = min–max over seeds)", fontsize=9)
+        axis.legend(fontsize=7, ncol=min(len(arms) + 1, 4))
+        paths.append(_write(figure, plots_dir / f"load_{_group_slug(protocol, model)}.png"))
     return paths

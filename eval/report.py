@@ -13,6 +13,9 @@ like an uninterrupted one)::
     plots/training_<group>.png            training loss on vs off (protocols that train), one per arm
     plots/heatmap_<group>.png             robustness, Δloss %, Δexcess-sep over η × P
     plots/trajectory_<group>.png          T̄_global mean and variance, pressure mean |b| per tick
+    plots/routing_<protocol>_<model>.png  expert × turn (and its change vs off), expert × layer, per arm
+    plots/load_<protocol>_<model>.png     each expert's share of the held-out top-k slots, per arm
+    tables/<name>.csv                     every table of summary.md, the same cells (linked below each)
 """
 
 from __future__ import annotations
@@ -22,22 +25,39 @@ from pathlib import Path
 
 from chronovisor.eval import contrasts, sections
 from chronovisor.eval.pairing import Run, SettingSummary, load_run, mismatched_numerics, summarize
-from chronovisor.eval.plots import plot_deltas, plot_heatmaps, plot_training, plot_trajectories
-from chronovisor.eval.rundir import PLOTS_DIR, RunDir
-from chronovisor.eval.tables import ablation_tables, main_table
+from chronovisor.eval.plots import (
+    plot_deltas,
+    plot_heatmaps,
+    plot_load,
+    plot_routing,
+    plot_training,
+    plot_trajectories,
+)
+from chronovisor.eval.routing_maps import arm_routing, run_routing
+from chronovisor.eval.rundir import PLOTS_DIR, TABLES_DIR, RunDir
+from chronovisor.eval.sections import Block
+from chronovisor.eval.tables import Table, ablation_tables, main_table
 
 
 @dataclass
 class Report:
-    """Where the report went and its main table (markdown)."""
+    """Where the report went (summary.md, its plots and CSV tables) and its main table (markdown)."""
 
     summary_path: Path
     plots: list[Path] = field(default_factory=list)
     table: str = ""
+    tables: list[Path] = field(default_factory=list)
 
 
-def render(run: Run, summaries: list[SettingSummary], plots: list[Path]) -> str:
-    """The text of ``summary.md`` (nothing machine- or time-specific in it)."""
+def render(blocks: list[Block]) -> str:
+    """The text of ``summary.md``: the lines as they are, each table as markdown with a link to its CSV."""
+    return "\n".join(block if isinstance(block, str) else
+                     f"{block.markdown}\n\nCSV: [{TABLES_DIR}/{block.name}.csv]({TABLES_DIR}/{block.name}.csv)"
+                     for block in blocks)
+
+
+def summary_blocks(run: Run, summaries: list[SettingSummary], plots: list[Path]) -> list[Block]:
+    """The blocks of ``summary.md`` in order (nothing machine- or time-specific in them)."""
     manifest = run.manifest
     config = manifest["config"]
     git = manifest.get("git") or {}
@@ -95,22 +115,25 @@ def render(run: Run, summaries: list[SettingSummary], plots: list[Path]) -> str:
         lines += ["## Plots", ""]
         lines += [f"![{path.stem}]({PLOTS_DIR}/{path.name})" for path in plots]
         lines.append("")
-    return "\n".join(lines)
+    return lines
 
 
 def write_report(run_dir: RunDir | str | Path) -> Report:
-    """Summarise a run directory into ``summary.md`` and ``plots/*.png``.
+    """Summarise a run directory into ``summary.md``, ``plots/*.png`` and ``tables/*.csv``.
 
     Raises:
         RunDirError: ``run_dir`` has no manifest.
     """
     run = load_run(run_dir)
     summaries = summarize(run)
-    plots_dir = run.run_dir.plots_dir
+    plots_dir, tables_dir = run.run_dir.plots_dir, run.run_dir.tables_dir
     plots_dir.mkdir(exist_ok=True)
+    tables_dir.mkdir(exist_ok=True)
+    routing = arm_routing(summaries, run_routing(run))
     plots = (plot_deltas(summaries, plots_dir) + plot_training(summaries, plots_dir)
+             + plot_routing(routing, plots_dir) + plot_load(routing, plots_dir)
              + plot_heatmaps(summaries, plots_dir) + plot_trajectories(summaries, plots_dir))
-    text = render(run, summaries, plots)
-    summary_path = run.run_dir.summary_path
-    summary_path.write_text(text)
-    return Report(summary_path, plots, main_table(summaries) if summaries else "")
+    blocks = summary_blocks(run, summaries, plots)
+    run.run_dir.summary_path.write_text(render(blocks))
+    tables = [block.write_csv(tables_dir) for block in blocks if isinstance(block, Table)]
+    return Report(run.run_dir.summary_path, plots, main_table(summaries).markdown if summaries else "", tables)

@@ -6,6 +6,7 @@
     RUN_DIR/cells/<cell_id>.routing.npz   held-out routing of that cell (for routing preservation)
     RUN_DIR/bases/                        pretrained frozen bases (frozen / controller_only)
     RUN_DIR/summary.md, RUN_DIR/plots/    the report
+    RUN_DIR/tables/<name>.csv             every table of summary.md as CSV
 
 :class:`RunDir` is the only code that knows these paths; the sweep writes through it and the
 report reads through it.
@@ -39,6 +40,7 @@ ROUTING_SUFFIX = ".routing.npz"
 BASES_DIR = "bases"
 SUMMARY = "summary.md"
 PLOTS_DIR = "plots"
+TABLES_DIR = "tables"
 MANIFEST_FORMAT = 1
 #: What a cell id looks like (:attr:`~chronovisor.eval.specs.CellSpec.cell_id`): a plain file name,
 #: so that no manifest can make the report read outside ``cells/``.
@@ -126,6 +128,10 @@ class RunDir:
     @property
     def plots_dir(self) -> Path:
         return self.path / PLOTS_DIR
+
+    @property
+    def tables_dir(self) -> Path:
+        return self.path / TABLES_DIR
 
     def base_dir(self, name: str) -> Path:
         """The directory of the cached pretrained base ``name`` (see :mod:`.bases`)."""
@@ -289,6 +295,11 @@ def git_commit() -> dict[str, Any] | None:
     except (OSError, subprocess.SubprocessError):
         return None
     return {"commit": commit, "dirty": bool(status.strip())}
+
+
+def file_slug(text: str) -> str:
+    """``text`` as a file name of the report: η spelt ``eta``, anything but letters, digits and ``-._`` as ``-``."""
+    return "".join(c if c.isalnum() or c in "-._" else "-" for c in text.replace("η", "eta"))
 
 
 def _now() -> str:

@@ -1,4 +1,5 @@
-"""The calibration sections of summary.md (docs/calibration.md), as lists of markdown lines.
+"""The calibration sections of summary.md (docs/calibration.md), as lists of blocks: markdown lines
+and :class:`~chronovisor.eval.tables.Table` objects (the report renders them and writes each as CSV).
 
 The numbers are :mod:`.contrasts`' and :mod:`.tables`'; this module only words and lays them out:
 the header flags (DIRTY TREE, MISCALIBRATED), the primary (pre-registered) contrasts, the noise
@@ -13,8 +14,12 @@ from typing import Any
 from chronovisor.eval import contrasts
 from chronovisor.eval.contrasts import ContrastResult, NoiseFloor
 from chronovisor.eval.pairing import Run, SettingSummary
+from chronovisor.eval.rundir import file_slug
 from chronovisor.eval.specs import Contrast
-from chronovisor.eval.tables import _ci, _num, _pct, _table, baselines_table, bigram_failures
+from chronovisor.eval.tables import Table, _ci, _num, _pct, baselines_table, bigram_failures
+
+#: One block of summary.md: a markdown line or a table.
+Block = str | Table
 
 NO_PLACEBO = "no placebo arm: noise floor unknown"
 FIXED_ORDER = "phase order is fixed in this data: separation cannot be told apart from position"
@@ -63,7 +68,7 @@ def _contrast_row(result: ContrastResult, holm: bool) -> list[str]:
         _p(result.result.signed_rank.p_value), _per_seed(result)]
 
 
-def primary_section(declared: tuple[Contrast, ...], results: list[ContrastResult]) -> list[str]:
+def primary_section(declared: tuple[Contrast, ...], results: list[ContrastResult]) -> list[Block]:
     lines = ["## Primary (pre-registered)", ""]
     if not declared:
         return lines + ["No primary contrast was declared in this run's config (`primary:`): every comparison in "
@@ -76,10 +81,10 @@ def primary_section(declared: tuple[Contrast, ...], results: list[ContrastResult
         "seeds where both exist. Holm's correction runs across exactly this family "
         f"({len(results)} test(s): every declared contrast in every protocol/model group; an untestable one is "
         "left out of the count) and adjusts the **paired t-test's** p. The Wilcoxon signed-rank p is shown "
-        "unadjusted beside it.", "", _table(header, [_contrast_row(result, True) for result in results]), ""]
+        "unadjusted beside it.", "", Table("primary_contrasts", header, [_contrast_row(result, True) for result in results]), ""]
 
 
-def exploratory_contrast_section(results: list[ContrastResult]) -> list[str]:
+def exploratory_contrast_section(results: list[ContrastResult]) -> list[Block]:
     if not results:
         return []
     header = ["contrast", "group", "n", "mean Δloss % [95% t CI]", "t p", "Wilcoxon p", "per seed (Δloss %)"]
@@ -87,11 +92,11 @@ def exploratory_contrast_section(results: list[ContrastResult]) -> list[str]:
             "**Exploratory**: not declared in `primary:`, p-values uncorrected, for generating hypotheses only. "
             "Each contrast pairs the arms' Δloss % seed by seed (\"only the combination works\" needs such a "
             "contrast, not one significant arm beside a non-significant one).", "",
-            _table(header, [_contrast_row(result, False) for result in results]), ""]
+            Table("exploratory_contrasts", header, [_contrast_row(result, False) for result in results]), ""]
 
 
 # ------------------------------------------------------------------------------- noise floor
-def noise_floor_section(floors: dict[tuple[str, str], NoiseFloor | None]) -> list[str]:
+def noise_floor_section(floors: dict[tuple[str, str], NoiseFloor | None]) -> list[Block]:
     lines = ["## Noise floor", "",
              "The `placebo` arm runs the whole controller path with a pressure scale of 1e-7 (about one float32 "
              "rounding unit), so its Δloss % is the protocol's own noise. SD = standard deviation across seeds "
@@ -107,14 +112,14 @@ def noise_floor_section(floors: dict[tuple[str, str], NoiseFloor | None]) -> lis
         rows.append([protocol, model, str(floor.n), _num(floor.sd), _num(floor.mde), _ci(floor.interval, _pct),
                      _p(floor.interval.p_value), status])
     if rows:
-        lines += [_table(["protocol", "model", "placebo n", "SD of Δloss %", "MDE (80%, α 0.05) Δloss %",
+        lines += [Table("noise_floor", ["protocol", "model", "placebo n", "SD of Δloss %", "MDE (80%, α 0.05) Δloss %",
                           "placebo mean Δloss % [95% t CI]", "placebo t p", "status"], rows), ""]
     lines += [f"- {group}: **{NO_PLACEBO}**." for group in missing]
     return lines + ([""] if missing else [])
 
 
 # ------------------------------------------------------------------------------- baselines
-def baselines_section(run: Run) -> list[str]:
+def baselines_section(run: Run) -> list[Block]:
     lines = ["## Baselines and loss floor", "", baselines_table(run), "",
              "Count bigram (interpolated absolute discounting) and unigram (add-one) are fit on the same training "
              "tokens and scored on the same held-out tokens. The Bayes floor is the expected loss of the optimal "
@@ -129,7 +134,7 @@ def baselines_section(run: Run) -> list[str]:
 
 
 # ------------------------------------------------------------------------------- separation
-def separation_section(run: Run, summaries: list[SettingSummary]) -> list[str]:
+def separation_section(run: Run, summaries: list[SettingSummary]) -> list[Block]:
     lines = ["## Separation", ""]
     if contrasts.phase_order_fixed(run):
         lines += [f"**{FIXED_ORDER[0].upper() + FIXED_ORDER[1:]}** (with a fixed order a token's position predicts "
@@ -137,14 +142,14 @@ def separation_section(run: Run, summaries: list[SettingSummary]) -> list[str]:
     header = ["arm", "seeds", "excess-sep (mean)", "permutation p (mean over seeds × layers)",
               "share of tests p < 0.05"]
     for (protocol, model), rows in contrasts.separation_rows(summaries).items():
-        lines += [f"### {_group(protocol, model)}", "", _table(header, [
+        lines += [f"### {_group(protocol, model)}", "", Table(file_slug(f"separation_{protocol}_{model}"), header, [
             [row.label, str(row.n), f"{row.excess:+.2e}" if math.isfinite(row.excess) else "–", _p(row.mean_p),
              _num(row.rejected)] for row in rows]), ""]
     return lines
 
 
 # ------------------------------------------------------------------------------- slow field
-def slow_field_section(summaries: list[SettingSummary]) -> list[str]:
+def slow_field_section(summaries: list[SettingSummary]) -> list[Block]:
     fields = contrasts.slow_fields(summaries)
     if not fields:
         return []
@@ -155,7 +160,7 @@ def slow_field_section(summaries: list[SettingSummary]) -> list[str]:
              "How far T̄ relaxed in the arms that deliver temperature: τ_local = u/η and τ_global = u/(η·g) ticks "
              "(u = update_every, g = eta_global_factor; 2u/η by default); covered = 1 − exp(−ticks/τ). An arm "
              "that ends at a small fraction tests a field that has barely moved.", "",
-             _table(["protocol", "model", "arm", "η", "u", "ticks", "τ_local", "covered (local)", "τ_global",
+             Table("slow_field", ["protocol", "model", "arm", "η", "u", "ticks", "τ_local", "covered (local)", "τ_global",
                      "covered (global)"], rows), ""]
     barely = [field.label for field in fields if field.covered_global < 0.5]
     if barely:

@@ -1,16 +1,22 @@
-"""The markdown tables of the report: per setting, the ablation per group, and the baselines and loss floors."""
+"""The tables of the report (:class:`Table`: markdown in summary.md, and CSV): per setting, the
+ablation per group, and the baselines and loss floors."""
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import math
 from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
 from chronovisor.eval import stats
 from chronovisor.eval.pairing import Run, Setting, SettingSummary, layer_mean, varying_fields
 from chronovisor.eval.record import CellRecord
+from chronovisor.eval.rundir import file_slug
 
 
 def _num(value: float, digits: int = 3) -> str:
@@ -50,13 +56,37 @@ def _robust(summary: SettingSummary) -> str:
     return f"{r.successes}/{r.n} [{r.low:.2f}, {r.high:.2f}]"
 
 
-def _table(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    return "\n".join(lines)
+@dataclass
+class Table:
+    """One table of the report: markdown in summary.md, and the same cells as ``<name>.csv``.
+
+    Attributes:
+        name: the CSV file's stem, unique within a report (:func:`~chronovisor.eval.rundir.file_slug`).
+        header: the column names.
+        rows: the cells as shown (numbers formatted, intervals as ``mean [low, high]``, "–" = none).
+    """
+
+    name: str
+    header: list[str]
+    rows: list[list[str]]
+
+    @property
+    def markdown(self) -> str:
+        lines = ["| " + " | ".join(self.header) + " |", "|" + "|".join("---" for _ in self.header) + "|"]
+        return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in self.rows])
+
+    def write_csv(self, directory: Path) -> Path:
+        """Write ``directory/<name>.csv`` (UTF-8, markdown emphasis and code marks removed) and return its path."""
+        buffer = io.StringIO()
+        writer = csv.writer(buffer, lineterminator="\n")
+        for row in [self.header, *self.rows]:
+            writer.writerow([cell.replace("**", "").replace("`", "") for cell in row])
+        path = directory / f"{self.name}.csv"
+        path.write_text(buffer.getvalue(), encoding="utf-8")
+        return path
 
 
-def main_table(summaries: list[SettingSummary]) -> str:
+def main_table(summaries: list[SettingSummary]) -> Table:
     """The per-setting table (exploratory): robustness, Δloss t CI, uncorrected t and Wilcoxon p,
     Δexcess, T̄ variance, preservation."""
     extra = varying_fields(summaries)
@@ -72,7 +102,7 @@ def main_table(summaries: list[SettingSummary]) -> str:
             str(s.n), _robust(s), _ci(s.loss_ci, _pct) + diverged, _num(s.loss_ci.p_value), _num(s.wilcoxon.p_value),
             _ci(s.excess_ci, _sci), _sci(s.mean("delta_separation")), _sci(s.mean("delta_uncertainty")),
             _T_bar_variance(s), f"{s.mean('preservation'):.3f}"])
-    return _table(header, rows)
+    return Table("settings", header, rows)
 
 
 def _arm_name(setting: Setting) -> str:
@@ -80,7 +110,7 @@ def _arm_name(setting: Setting) -> str:
     return f"{setting.arm} · {label}" if label else setting.arm
 
 
-def ablation_tables(run: Run, summaries: list[SettingSummary]) -> list[tuple[str, str]]:
+def ablation_tables(run: Run, summaries: list[SettingSummary]) -> list[tuple[str, Table]]:
     """(title, table) per (protocol, model, other fields) group that has more than one variant.
 
     Rows: the off arm (absolute values, mean over seeds) and every controller setting (paired
@@ -111,7 +141,9 @@ def ablation_tables(run: Run, summaries: list[SettingSummary]) -> list[tuple[str
                          _sci(s.mean_on("excess_separation")), _sci(s.mean("delta_excess")), _num(s.mean_on("uncertainty_coefficient")),
                          _num(s.mean_on("max_vio")), f"{s.mean('preservation'):.3f}", _T_bar_variance(s)])
         suffix = ", ".join(f"{key}={json.loads(value)}" for key, value in rest)
-        tables.append((f"{protocol}, {model}" + (f", {suffix}" if suffix else ""), _table(header, rows)))
+        title = f"{protocol}, {model}" + (f", {suffix}" if suffix else "")
+        name = file_slug("_".join(["ablation", protocol, model] + [f"{key}-{json.loads(value)}" for key, value in rest]))
+        tables.append((title, Table(name, header, rows)))
     return tables
 
 
@@ -130,7 +162,7 @@ def bigram_failures(run: Run) -> dict[tuple[str, str], tuple[int, int]]:
             for group, records in _off_records(run).items()}
 
 
-def baselines_table(run: Run) -> str:
+def baselines_table(run: Run) -> Table:
     """Per (protocol, model): the off arm's held-out loss beside the n-gram baselines fit on the same
     training tokens and the data's loss floors (means over the off arm's seeds)."""
     rows = []
@@ -144,5 +176,5 @@ def baselines_table(run: Run) -> str:
                      _num(mean["bigram"], 4), _num(mean["unigram"], 4), _num(floor["bayes"], 4),
                      _num(floor["uniform"], 4), _num(floor["oracle"], 4),
                      _num(float(np.mean(train)), 4) if train else "–"])
-    return _table(["protocol", "model", "seeds", "off-arm held-out loss", "count bigram", "unigram",
+    return Table("baselines", ["protocol", "model", "seeds", "off-arm held-out loss", "count bigram", "unigram",
                    "Bayes floor (causal)", "uniform ln V", "oracle floor", "off-arm training loss (in-sample)"], rows)

@@ -9,6 +9,7 @@ devices it cannot see; only ``from_pretrained`` with GPU ids needs real GPUs).
 from __future__ import annotations
 
 import logging
+import time
 
 import pytest
 import torch
@@ -212,6 +213,20 @@ def test_an_unknown_dtype_name_is_rejected(mixtral_tiny_dir):
 def test_loading_a_directory_without_config_json_names_it(tmp_path):
     with pytest.raises(FileNotFoundError, match="config.json"):
         chronovisor.load(str(tmp_path), PTConfig())
+
+
+def test_a_typo_of_a_preset_name_fails_at_once_suggesting_the_closest_preset():
+    start = time.monotonic()
+    with pytest.raises(FileNotFoundError, match="unknown model 'mixtral-2l8': did you mean the toy preset 'mixtral-2l8e'"):
+        chronovisor.load("mixtral-2l8", PTConfig())
+    assert time.monotonic() - start < 5.0  # no hub round trips (they retried for ~47 s)
+
+
+def test_a_local_directory_named_like_a_preset_is_loaded_as_a_directory_not_suggested(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mixtral-2l8").mkdir()
+    with pytest.raises(FileNotFoundError, match="holds no config.json"):
+        chronovisor.load("mixtral-2l8", PTConfig())
 
 
 # ------------------------------------------------------------------------ load() options

@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import warnings
 
 import pytest
 import torch
@@ -224,21 +225,28 @@ def streaming_runs(tmp_path_factory, one_torch_thread):
     run_dir = tmp_path_factory.mktemp("streaming")
     streaming = dataclasses.replace(EVAL, streaming=True)
     full_off = run_cell(cell("joint", mode="off"), run_dir).record.heldout
-    stream_off = run_cell(dataclasses.replace(cell("joint", mode="off"), eval=streaming), run_dir).record.heldout
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        stream_off = run_cell(dataclasses.replace(cell("joint", mode="off"), eval=streaming), run_dir).record.heldout
     stream_on = run_cell(dataclasses.replace(cell("joint"), eval=streaming), run_dir).record
-    return full_off, stream_off, stream_on
+    return full_off, stream_off, stream_on, [str(warning.message) for warning in caught]
 
 
 def test_streaming_turn_by_turn_gives_the_loss_of_the_full_forward(streaming_runs):
-    full_off, stream_off, _ = streaming_runs
+    full_off, stream_off, *_ = streaming_runs
     assert stream_off.streaming and stream_off.tokens == full_off.tokens
     assert stream_off.loss == pytest.approx(full_off.loss, abs=1e-4)  # the KV-cache path is the same model
 
 
 def test_streaming_evaluation_ticks_the_controller_after_every_turn(streaming_runs):
-    *_, stream_on = streaming_runs
+    *_, stream_on, _ = streaming_runs
     turns = DATA.num_heldout * len(synthetic.PHASES)
     assert stream_on.fields.ticks == TRAIN.steps + turns
+
+
+def test_streaming_evaluation_passes_the_kv_cache_through_the_non_deprecated_cache_argument(streaming_runs):
+    *_, messages = streaming_runs
+    assert not [message for message in messages if "past_key_values" in message or "deprecated" in message]
 
 
 def test_streaming_evaluation_needs_batch_size_one():

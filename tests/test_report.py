@@ -1,5 +1,6 @@
-"""The report: paired statistics, summary.md, ablation labels, heatmaps and trajectory plots."""
+"""The report: paired statistics, summary.md, ablation labels, heatmaps, trajectory and routing plots, CSV tables."""
 
+import csv
 import json
 
 import numpy as np
@@ -10,6 +11,7 @@ from chronovisor.eval import metrics, stats
 from chronovisor.eval.config import parse_config
 from chronovisor.eval.pairing import load_run, summarize
 from chronovisor.eval.report import write_report
+from chronovisor.eval.routing_maps import arm_routing, cell_routing, heldout_turns, run_routing
 from chronovisor.eval.rundir import RunDir
 from chronovisor.eval.sweep import run_sweep
 
@@ -65,10 +67,11 @@ def test_report_shows_no_eta_for_a_pressure_arm_where_eta_does_not_act(report):
     assert "| pressure | – | 0.5 |" in text
 
 
-def test_report_writes_the_delta_strip_plot_training_curves_heatmaps_and_trajectories_as_linked_pngs(report):
+def test_report_writes_the_delta_strip_plot_training_curves_routing_maps_heatmaps_and_trajectories_as_linked_pngs(report):
     written, text = report
     names = sorted(path.name for path in written.plots)
     assert names == ["deltas_joint_mixtral-tiny.png", "heatmap_joint_mixtral-tiny_pt.png",
+                     "load_joint_mixtral-tiny.png", "routing_joint_mixtral-tiny.png",
                      "training_joint_mixtral-tiny_pressure.png", "training_joint_mixtral-tiny_pt-eta-0.01.png",
                      "training_joint_mixtral-tiny_pt-eta-0.03.png", "training_joint_mixtral-tiny_pt-eta-0.png",
                      "trajectory_joint_mixtral-tiny_pressure.png", "trajectory_joint_mixtral-tiny_pt.png"]
@@ -137,3 +140,73 @@ def test_pairs_run_under_different_numerics_are_flagged(run_dir, tmp_path):
     text = write_report(copy).summary_path.read_text()
     assert "4 on/off pair(s) ran under different numerics" in text
     assert "different numerics" not in write_report(run_dir).summary_path.read_text()
+
+
+def markdown_tables(text: str) -> list[list[list[str]]]:
+    """Every markdown table of ``text``: its rows of cells, the separator row left out."""
+    tables, current = [], []
+    for line in text.splitlines() + [""]:
+        if line.startswith("|"):
+            if not line.startswith("|---"):
+                current.append([cell.strip() for cell in line.strip("|").split(" | ")])
+        elif current:
+            tables.append(current)
+            current = []
+    return tables
+
+
+def test_every_table_of_summary_md_is_written_as_a_linked_csv_with_the_same_cells(report, run_dir):
+    written, text = report
+    tables = markdown_tables(text)
+    assert len(written.tables) == len(tables)
+    assert sorted(path.name for path in written.tables) == [
+        "ablation_joint_mixtral-tiny.csv", "baselines.csv", "exploratory_contrasts.csv",
+        "separation_joint_mixtral-tiny.csv", "settings.csv", "slow_field.csv"]
+    for path, rows in zip(written.tables, tables, strict=True):
+        assert path.parent == run_dir / "tables"
+        assert f"CSV: [tables/{path.name}](tables/{path.name})" in text
+        with open(path, newline="", encoding="utf-8") as handle:
+            cells = list(csv.reader(handle))
+        assert cells == [[cell.replace("**", "").replace("`", "") for cell in row] for row in rows]
+
+
+def test_rebuilt_held_out_turns_label_the_routing_file_exactly_as_the_sweep_did(run_dir):
+    """U(turn | expert) recomputed from the routing file and the rebuilt turns equals the record's own."""
+    run = load_run(run_dir)
+    for cell_id, record in run.records.items():
+        turns = heldout_turns(record)
+        for layer in record.heldout.layers:
+            experts = run.run_dir.read_routing(cell_id)[layer.layer]
+            assert len(experts) == len(turns)
+            assert metrics.uncertainty_coefficient(experts, turns, record.model_info.num_experts) == pytest.approx(
+                layer.uncertainty_coefficient, abs=1e-12)
+
+
+def test_routing_maps_are_shares_of_slots_per_turn_and_per_layer_matching_the_records_load(run_dir):
+    run = load_run(run_dir)
+    cells = run_routing(run)
+    for cell_id, record in run.records.items():
+        cell = cells[cell_id]
+        np.testing.assert_allclose(cell.load, [layer.load for layer in record.heldout.layers], atol=1e-12)
+        np.testing.assert_allclose(cell.load.sum(axis=1), 1.0)
+        assert cell.by_turn.shape == (7, record.model_info.num_experts) and cell.reason == ""
+        np.testing.assert_allclose(cell.by_turn.sum(axis=1), 1.0)
+    groups = arm_routing(summarize(run), cells)
+    arms = groups[("joint", "mixtral-tiny")]
+    assert [arm.label for arm in arms] == ["off", "pressure", "pt η=0", "pt η=0.01", "pt η=0.03"]
+    assert all(arm.expert_load.shape == (2, 8) and arm.by_turn.shape == (7, 8) for arm in arms)
+    offs = sorted((r for r in run.records.values() if not r.is_on), key=lambda r: r.seed)
+    # Each seed's experts ranked by its off-arm load, largest first: the off arm's rows are its loads sorted.
+    np.testing.assert_allclose(arms[0].expert_load, [-np.sort(-cells[r.cell_id].load.mean(axis=0)) for r in offs])
+    np.testing.assert_allclose(np.sort(arms[1].expert_load, axis=1),  # arms[1] is the first setting
+                               [np.sort(cells[s.on.cell_id].load.mean(axis=0)) for s in summarize(run)[0].seeds])
+    assert arms[0].turns[0] == "Inquiry"
+
+
+def test_an_arm_whose_turns_do_not_match_its_routing_file_has_no_turn_map_and_says_why(run_dir):
+    run = load_run(run_dir)
+    cell_id, record = next(iter(run.records.items()))
+    turns = heldout_turns(record)
+    cell = cell_routing(run.run_dir.read_routing(cell_id), turns[:-1], record.model_info.num_experts)
+    assert cell.by_turn is None
+    assert cell.reason == f"the rebuilt held-out data has {len(turns) - 1} tokens, the routing file {len(turns)}"

@@ -288,10 +288,10 @@ def test_slow_field_lists_only_arms_that_deliver_temperature(default_run):
 
 
 # ------------------------------------------------------------------------------- plots
-def test_report_writes_the_delta_strip_plot_and_one_training_curve_per_arm(default_run):
+def test_report_writes_the_delta_strip_plot_routing_maps_and_one_training_curve_per_arm(default_run):
     _, written, text = default_run
     names = sorted(path.name for path in written.plots)
-    assert names == ["deltas_joint_mixtral-tiny.png"] + [
+    assert names == ["deltas_joint_mixtral-tiny.png", "load_joint_mixtral-tiny.png", "routing_joint_mixtral-tiny.png"] + [
         f"training_joint_mixtral-tiny_{arm}.png" for arm in ("placebo", "pressure", "pt", "temperature")]
     for path in written.plots:
         assert path.read_bytes()[:8] == PNG_MAGIC

@@ -31,6 +31,7 @@ from chronovisor.wrappers import (
 )
 from chronovisor.wrappers import deepseek_v3 as deepseek_module
 from chronovisor.wrappers.base import topk_with_choice_bias
+from chronovisor.wrappers.toy import closest_preset
 
 FAMILY_PRESETS = [
     "mixtral-tiny",
@@ -677,6 +678,19 @@ def test_the_research_and_tiny_presets_are_listed():
 def test_an_unknown_preset_name_lists_the_known_ones():
     with pytest.raises(ValueError, match="unknown toy preset 'nope'.*mixtral-2l8e"):
         build_toy("nope")
+
+
+def test_an_unknown_preset_name_close_to_a_preset_suggests_it():
+    with pytest.raises(ValueError, match="unknown toy preset 'mixtral-tiy'; did you mean 'mixtral-tiny'\\?"):
+        build_toy("mixtral-tiy")
+
+
+def test_the_closest_preset_ignores_case_and_never_matches_hub_ids_or_distant_names():
+    assert closest_preset("Mixtral-2L8E") == "mixtral-2l8e"
+    assert closest_preset("switch_2l8e") == "switch-2l8e"
+    assert closest_preset("mistralai/mixtral-2l8") is None
+    assert closest_preset("gpt2") is None
+    assert closest_preset("mixtral") is None
 
 
 def test_mixtral_2l8e_has_the_reference_models_sizes():

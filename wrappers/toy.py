@@ -24,6 +24,7 @@ global RNG state is left untouched.
 
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -118,9 +119,25 @@ def list_presets() -> list[str]:
     return list(TOY_PRESETS)
 
 
+def closest_preset(name: str) -> str | None:
+    """The toy preset ``name`` is most likely a typo of (difflib ratio ≥ 0.8, case ignored), or None.
+
+    Args:
+        name: a model name that is not a preset. A name with a ``/`` (a path or an ``org/model``
+            hub id) never looks like a preset.
+    """
+    if "/" in name:
+        return None
+    lowered = {preset.lower(): preset for preset in TOY_PRESETS}
+    matches = difflib.get_close_matches(name.lower(), list(lowered), n=1, cutoff=0.8)
+    return lowered[matches[0]] if matches else None
+
+
 def _preset(name: str) -> ToyPreset:
     if name not in TOY_PRESETS:
-        raise ValueError(f"unknown toy preset {name!r}; presets: {', '.join(TOY_PRESETS)}")
+        guess = closest_preset(name)
+        raise ValueError(f"unknown toy preset {name!r}" + (f"; did you mean {guess!r}?" if guess else "")
+                         + f" (presets: {', '.join(TOY_PRESETS)})")
     return TOY_PRESETS[name]
 
 
