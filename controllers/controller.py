@@ -262,7 +262,7 @@ class PTController(nn.Module):
 
     @torch.no_grad()
     def observe(self, layer: int, expert_index: torch.Tensor, weights: torch.Tensor | None = None,
-                mask: torch.Tensor | None = None) -> None:
+                mask: torch.Tensor | None = None, dispatched: torch.Tensor | None = None) -> None:
         """Add one router call's selections to this tick's counts.
 
         Args:
@@ -273,6 +273,10 @@ class PTController(nn.Module):
                 drive the coherence phases. Non-finite weights count as 0; magnitudes are
                 clipped to ``MAX_ROUTING_WEIGHT``.
             mask: ``[tokens]`` bool, True for real tokens; padding is excluded from every count.
+            dispatched: ``[tokens, k]`` bool, the dispatch mask: only selections an expert processed
+                count (weights too). None: every selection counts (token choice, k per token). With
+                it, counting needs no fixed k: Expert Choice passes every expert of every token
+                (k = E) and its dispatch mask, so usage is the tokens each expert took.
         """
         self._check_layer(layer)
         if expert_index.is_floating_point() or expert_index.is_complex() or expert_index.dim() != 2:
@@ -290,6 +294,11 @@ class PTController(nn.Module):
             if mask.shape != (tokens,):
                 raise ValueError(f"PTController.observe: mask must have shape [{tokens}], got {tuple(mask.shape)}")
             counted = mask.to(device=device, dtype=dtype).repeat_interleave(k).reshape(groups)
+        if dispatched is not None:
+            if dispatched.shape != expert_index.shape:
+                raise ValueError(f"PTController.observe: dispatched must have shape {tuple(expert_index.shape)}, "
+                                 f"got {tuple(dispatched.shape)}")
+            counted = counted * dispatched.to(device=device, dtype=dtype).reshape(groups)
         if weights is None:
             weight = counted / self.top_k
         else:
