@@ -494,3 +494,68 @@ def test_the_fields_stay_finite_and_move_when_the_controller_runs_on_the_model(t
         assert bool(torch.isfinite(field).all())
     assert float(controller.pressure.abs().sum()) > 0, "threshold routing gives unequal usage, so pressure moves"
     assert not torch.equal(controller.temperature, torch.ones_like(controller.temperature))
+
+
+# ================================================= 5. the harness: causal loss, non-causal beside it
+@pytest.fixture(scope="module")
+def expert_choice_run(one_torch_thread, tmp_path_factory):
+    """A frozen-protocol sweep of expertchoice-tiny, 2 seeds x (off, placebo, pt), stacked as the
+    study config runs it, and its report."""
+    from conftest import TINY_WORLD
+
+    from chronovisor.eval.config import parse_config
+    from chronovisor.eval.pairing import load_run
+    from chronovisor.eval.report import write_report
+    from chronovisor.eval.sweep import run_sweep
+
+    config = parse_config({
+        "name": "expert-choice-test", "protocol": "frozen", "models": "expertchoice-tiny", "seeds": 2,
+        "primary": ["pt - off"], "batch_configs": 3,
+        "data": dict(TINY_WORLD, num_train=4, num_heldout=3, num_warmup=4),
+        "train": {"pretrain_steps": 4, "lr": 0.01},
+        "eval": {"null_permutations": 10, "trajectory_every": 1},
+        "controller": {"eta": 0.015, "pressure_scale": 0.5, "update_every": 1},
+        "grid": [{"mode": ["placebo", "pt"]}],
+    })
+    out = tmp_path_factory.mktemp("expert-choice-run")
+    assert run_sweep(config, out, progress=False).complete
+    return load_run(out), write_report(out).summary_path.read_text(), config
+
+
+def test_every_expert_choice_cell_records_the_non_causal_loss_beside_the_causal_one(expert_choice_run):
+    run, _, _ = expert_choice_run
+    assert len(run.records) == 6
+    for record in run.records.values():
+        assert math.isfinite(record.heldout.loss) and math.isfinite(record.heldout.noncausal_loss)
+        assert record.heldout.noncausal_loss != record.heldout.loss
+
+
+def test_the_stacked_non_causal_loss_equals_a_single_cells(expert_choice_run, tmp_path):
+    """run_cell (one arm) and the stacked run give the same causal and non-causal losses."""
+    from chronovisor.eval.protocols import run_cell
+
+    run, _, config = expert_choice_run
+    record = next(r for r in run.records.values() if r.variant == "pt" and r.spec["seed"] == 0)
+    spec = next(cell for cell in config.cells() if cell.cell_id == record.cell_id)
+    single = run_cell(spec, tmp_path).record
+    assert single.heldout.loss == pytest.approx(record.heldout.loss, rel=1e-6)
+    assert single.heldout.noncausal_loss == pytest.approx(record.heldout.noncausal_loss, rel=1e-6)
+
+
+def test_the_report_shows_the_causal_and_non_causal_loss_and_their_gap_per_arm(expert_choice_run):
+    _, text, _ = expert_choice_run
+    assert "## Expert Choice: causal vs non-causal held-out loss" in text
+    section = text.split("## Expert Choice: causal vs non-causal held-out loss")[1].split("\n## ")[0]
+    for arm in ("off", "placebo", "pt"):
+        assert f"| frozen | expertchoice-tiny | {arm} | 2 |" in section
+
+
+def test_a_token_choice_run_records_no_non_causal_loss_and_its_report_has_no_such_section(tmp_path):
+    from conftest import TINY_WORLD
+
+    from chronovisor.eval.protocols import run_cell
+    from chronovisor.eval.specs import CellSpec, DataSpec, EvalSpec, TrainSpec
+
+    spec = CellSpec("frozen", "mixtral-tiny", 0, None, DataSpec(num_train=4, num_heldout=3, num_warmup=2,
+                    generator=TINY_WORLD), TrainSpec(pretrain_steps=2, lr=0.01), EvalSpec(null_permutations=10))
+    assert run_cell(spec, tmp_path).record.heldout.noncausal_loss is None
