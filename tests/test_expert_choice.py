@@ -255,6 +255,17 @@ def test_one_training_step_sets_each_threshold_to_the_mean_over_sequences_of_its
     torch.testing.assert_close(router.threshold_weight, torch.full((E,), 1 - 0.99))
 
 
+def test_activation_checkpointing_moves_the_thresholds_once_per_training_step():
+    plain, checkpointed = (build_toy("expertchoice-tiny", seed=0).train() for _ in range(2))
+    checkpointed.gradient_checkpointing_enable()
+    inputs = _inputs()
+    for model in (plain, checkpointed):
+        model(**inputs, labels=inputs["input_ids"], use_cache=False).loss.backward()
+    for ours, theirs in zip(plain.model.layers, checkpointed.model.layers, strict=True):
+        assert torch.equal(ours.mlp.gate.threshold_weight, theirs.mlp.gate.threshold_weight)
+        torch.testing.assert_close(ours.mlp.gate.threshold, theirs.mlp.gate.threshold)
+
+
 def test_set_inference_routing_switches_every_router_and_refuses_an_unknown_rule():
     model = build_toy("expertchoice-tiny", seed=0)
     model.set_inference_routing("capacity")

@@ -201,7 +201,8 @@ class ExpertChoiceSparseMoeBlock(nn.Module):
         batch_size, sequence_length, hidden_dim = hidden_states.shape
         # The router's output as the experts get it (a forward hook may have replaced the choice).
         router_logits, combine_weights, dispatch_mask = self.gate(hidden_states, token_mask)
-        if self.training:
+        # Once per training forward: activation checkpointing re-runs this forward inside backward.
+        if self.training and torch._C._current_graph_task_id() == -1:
             self.gate.update_threshold(router_logits, dispatch_mask, batch_size)
         flat = hidden_states.reshape(-1, hidden_dim)                                      # [B*S, H]
         output = self.experts(flat, combine_weights, dispatch_mask)                       # [B*S, H]
