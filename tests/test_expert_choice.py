@@ -257,7 +257,7 @@ def test_one_training_step_sets_each_threshold_to_the_mean_over_sequences_of_its
 
 def test_activation_checkpointing_moves_the_thresholds_once_per_training_step():
     plain, checkpointed = (build_toy("expertchoice-tiny", seed=0).train() for _ in range(2))
-    checkpointed.gradient_checkpointing_enable()
+    checkpointed.activation_checkpointing_enable()
     inputs = _inputs()
     for model in (plain, checkpointed):
         model(**inputs, labels=inputs["input_ids"], use_cache=False).loss.backward()

@@ -42,7 +42,8 @@ class ExpertChoiceAdapter(FamilyAdapter):
     router_classes = ("ExpertChoiceRouter",)
     selection_rule = ("softmax over experts -> each expert takes tokens: its top C = ceil(c*n/E) of each "
                       "sequence (training / capacity routing, not causal) or every token scoring >= its "
-                      "threshold (threshold routing, causal); weight = the softmax score")
+                      "threshold (threshold routing, causal); weight = the softmax score; top-k = round(c) is "
+                      "nominal (a token gets 0..E experts)")
     supports_selection_bias = False           # no choice-only bias: the loss_free comparator is refused
 
     def router_shape(self, site):
