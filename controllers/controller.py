@@ -269,7 +269,7 @@ class PTController(nn.Module):
 
     @torch.no_grad()
     def observe(self, layer: int, expert_index: torch.Tensor, weights: torch.Tensor | None = None,
-                mask: torch.Tensor | None = None) -> None:
+                mask: torch.Tensor | None = None, dispatched: torch.Tensor | None = None) -> None:
         """Add one router call's selections to this tick's counts, after checking them.
 
         The public entry point: it checks the inputs' dtypes and shapes and that every id names
@@ -279,37 +279,46 @@ class PTController(nn.Module):
         Args:
             layer: MoE layer index.
             expert_index: ``[tokens, top_k]`` integer (not bool) ids in ``[0, num_experts)`` of the
-                selected experts (stacked: C equal consecutive blocks of tokens, one per group).
-            weights: ``[tokens, top_k]`` floating-point routing weights of those selections
+                selected experts (stacked: C equal consecutive blocks of tokens, one per group);
+                with ``dispatched``, ``[tokens, k]`` for any k.
+            weights: ``[tokens, k]`` floating-point routing weights of those selections
                 (default 1/K each); they drive the coherence phases. A token with a NaN weight was
                 routed from NaN scores and is not counted; infinite weights count as 0;
                 magnitudes are clipped to ``MAX_ROUTING_WEIGHT``.
             mask: ``[tokens]`` bool, True for real tokens; padding is excluded from every count.
+            dispatched: ``[tokens, k]`` bool, the dispatch mask: only selections an expert processed
+                count (weights too). None: every selection counts (token choice, k per token). With
+                it, counting needs no fixed k: Expert Choice passes every expert of every token
+                (k = E) and its dispatch mask, so usage is the tokens each expert took.
 
         Raises:
             ValueError: naming the argument and what is wrong with it.
         """
         self._check_layer(layer)
+        columns = self.top_k if dispatched is None else expert_index.shape[-1] if torch.is_tensor(expert_index) else 0
         if (not torch.is_tensor(expert_index) or expert_index.dtype == torch.bool or expert_index.is_floating_point()
-                or expert_index.is_complex() or expert_index.dim() != 2 or expert_index.shape[1] != self.top_k):
+                or expert_index.is_complex() or expert_index.dim() != 2 or expert_index.shape[1] != columns):
             raise ValueError(
                 f"PTController.observe: expert_index must be an integer tensor [tokens, {self.top_k}] (top_k "
-                f"{self.top_k}), got {_describe_tensor(expert_index)}")
+                f"{self.top_k}; any width with a dispatch mask), got {_describe_tensor(expert_index)}")
         if weights is not None and (not torch.is_tensor(weights) or not weights.is_floating_point()):
             raise ValueError(f"PTController.observe: weights must be a floating-point tensor, got "
                              f"{_describe_tensor(weights)}")
         if mask is not None and (not torch.is_tensor(mask) or mask.dtype != torch.bool):
             raise ValueError(f"PTController.observe: mask must be a bool tensor (True = real token), got "
                              f"{_describe_tensor(mask)}; pass attention_mask.bool()")
+        if dispatched is not None and (not torch.is_tensor(dispatched) or dispatched.dtype != torch.bool):
+            raise ValueError(f"PTController.observe: dispatched must be a bool tensor (True = processed), got "
+                             f"{_describe_tensor(dispatched)}")
         outside = (expert_index < 0) | (expert_index >= self.num_experts)
         if bool(outside.any()):
             raise ValueError(f"PTController.observe: expert ids must lie in [0, {self.num_experts}), got "
                              f"{int(expert_index.min())}..{int(expert_index.max())}")
-        self.record_selection(layer, expert_index, weights, mask)
+        self.record_selection(layer, expert_index, weights, mask, dispatched)
 
     @torch.no_grad()
     def record_selection(self, layer: int, expert_index: torch.Tensor, weights: torch.Tensor | None = None,
-                         mask: torch.Tensor | None = None) -> None:
+                         mask: torch.Tensor | None = None, dispatched: torch.Tensor | None = None) -> None:
         """:meth:`observe` without its value checks: the router hooks' entry (no host sync).
 
         Only shapes are checked (Python integers). Arguments as in :meth:`observe`; ``expert_index``
@@ -333,7 +342,6 @@ class PTController(nn.Module):
             real = mask.to(device=device, dtype=dtype)
         if weights is None:
             counted = real.repeat_interleave(k).reshape(groups)
-            weight = counted / self.top_k
         else:
             if weights.shape != expert_index.shape:
                 raise ValueError(
@@ -342,6 +350,14 @@ class PTController(nn.Module):
             weights = weights.to(device=device, dtype=dtype)
             routed = real * ~torch.isnan(weights).any(dim=-1)          # a NaN weight: routed from NaN scores
             counted = routed.repeat_interleave(k).reshape(groups)
+        if dispatched is not None:
+            if dispatched.shape != expert_index.shape:
+                raise ValueError(f"PTController.observe: dispatched must have shape {tuple(expert_index.shape)}, "
+                                 f"got {tuple(dispatched.shape)}")
+            counted = counted * dispatched.to(device=device, dtype=dtype).reshape(groups)
+        if weights is None:
+            weight = counted / self.top_k
+        else:
             weight = torch.nan_to_num(weights.reshape(groups), nan=0.0, posinf=0.0, neginf=0.0
                                       ).clamp(-MAX_ROUTING_WEIGHT, MAX_ROUTING_WEIGHT) * counted
         self._tick_counts[:, layer].scatter_add_(1, index, counted)

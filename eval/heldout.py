@@ -71,6 +71,10 @@ class HeldoutAccumulator:
         self.conversation_ids.append(np.repeat(np.asarray(conversations), turn_ids.shape[1])[real])
         return losses[scored].mean()
 
+    def mean_loss(self) -> float:
+        """Mean CE over every scored target added so far."""
+        return sum(self.loss_sums.values()) / sum(self.counts.values())
+
     def finish(self, spec: EvalSpec, num_experts: int, seed: int) -> tuple[HeldoutMetrics, dict[str, np.ndarray]]:
         """The metrics and the routing (``[N_real, k]`` int16 expert ids per analysed layer)."""
         if not self.layer_ids:
@@ -155,6 +159,26 @@ def run_heldout(wrapped, batches: Iterable[HeldoutBatch], accumulators: list[Hel
                                 indices)
 
 
+def noncausal_losses(wrapped, batches: Iterable[HeldoutBatch], groups: int = 1) -> list[float] | None:
+    """Expert Choice models only (None for every other model): each group's held-out loss with
+    capacity routing, where every expert chooses among all of a sequence's tokens, later ones
+    included. The causal loss (threshold routing) stays the reported one; this is reported beside
+    it so the size of the future-token leak is visible. One forward per batch, fields as the causal
+    evaluation left them, no ticks (the selections it observes are never stepped into the fields).
+    """
+    model = wrapped.model
+    if not callable(getattr(model, "set_inference_routing", None)):
+        return None
+    accumulators = [HeldoutAccumulator() for _ in range(groups)]
+    previous = model.config.inference_routing
+    model.set_inference_routing("capacity")
+    try:
+        run_heldout(wrapped, batches, accumulators)
+    finally:
+        model.set_inference_routing(previous)
+    return [accumulator.mean_loss() for accumulator in accumulators]
+
+
 def evaluate_heldout(wrapped, heldout: data_lib.ConversationBatch, spec: EvalSpec, device: torch.device,
                      num_experts: int, seed: int,
                      tick: Tick | None = None) -> tuple[HeldoutMetrics, dict[str, np.ndarray]]:
@@ -169,8 +193,18 @@ def evaluate_heldout(wrapped, heldout: data_lib.ConversationBatch, spec: EvalSpe
         tick: with ``spec.streaming``, ``tick(turn, loss)`` after every turn (decoder-only models).
 
     Returns:
-        (metrics, routing) as described in :class:`~chronovisor.eval.record.ArmResult`.
+        (metrics, routing) as described in :class:`~chronovisor.eval.record.ArmResult`; for an
+        Expert Choice model ``metrics.noncausal_loss`` too (:func:`noncausal_losses`).
     """
+    metrics, routing = _evaluate_causal(wrapped, heldout, spec, device, num_experts, seed, tick)
+    noncausal = noncausal_losses(wrapped, heldout_batches(wrapped.model, heldout, spec.batch_size, device))
+    if noncausal is not None:
+        metrics = dataclasses.replace(metrics, noncausal_loss=noncausal[0])
+    return metrics, routing
+
+
+def _evaluate_causal(wrapped, heldout: data_lib.ConversationBatch, spec: EvalSpec, device: torch.device,
+                     num_experts: int, seed: int, tick: Tick | None) -> tuple[HeldoutMetrics, dict[str, np.ndarray]]:
     accumulator = HeldoutAccumulator()
     if not spec.streaming:
         run_heldout(wrapped, heldout_batches(wrapped.model, heldout, spec.batch_size, device), [accumulator])

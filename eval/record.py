@@ -116,6 +116,9 @@ class HeldoutMetrics:
         phase_order_fixed: every held-out conversation visits the phases in one order, so
             separation cannot be told apart from position (see :func:`~chronovisor.eval.metrics.separation_test`).
         layers, mean_over_layers: per layer, and their mean.
+        noncausal_loss: Expert Choice models only (else None): the same held-out loss with
+            capacity routing, where the experts' choice reads each sequence's later tokens. ``loss``
+            is always the causal one (threshold routing); the gap is the size of the future-token leak.
     """
 
     loss: float
@@ -126,6 +129,7 @@ class HeldoutMetrics:
     phase_order_fixed: bool
     layers: list[LayerMetrics]
     mean_over_layers: LayerMeans
+    noncausal_loss: float | None = None
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> HeldoutMetrics:

@@ -4,9 +4,10 @@ The statistics are :mod:`.pairing`'s and :mod:`.contrasts`', the tables :mod:`.t
 :mod:`.sections`', the figures :mod:`.plots`'. summary.md, in order: header (DIRTY TREE and
 MISCALIBRATED flags, provenance), Primary (pre-registered) contrasts with Holm's correction, Noise
 floor (placebo SD, MDE), the exploratory per-setting table and direct contrasts, Baselines and loss
-floor, Separation, Slow field, Ablation, Plots. Outputs (paths relative to the run directory; nothing
-machine- or time-specific goes into summary.md, so an interrupted-and-resumed sweep reports exactly
-like an uninterrupted one)::
+floor, Expert Choice's causal vs non-causal loss (those models only), Separation, Slow field,
+Ablation, Plots. Outputs (paths relative to the run directory; nothing machine- or time-specific
+goes into summary.md, so an interrupted-and-resumed sweep reports exactly like an uninterrupted
+one)::
 
     summary.md
     plots/deltas_<protocol>_<model>.png   per-seed Δloss % per arm, placebo band shaded
@@ -99,6 +100,7 @@ def summary_blocks(run: Run, summaries: list[SettingSummary], plots: list[Path])
               main_table(summaries) if summaries else "_No setting has both arms finished for any seed yet._", ""]
     lines += sections.exploratory_contrast_section(contrasts.exploratory_contrasts(declared, summaries))
     lines += sections.baselines_section(run)
+    lines += sections.noncausal_section(run)
     lines += sections.separation_section(run, summaries)
     lines += sections.slow_field_section(summaries)
     tables = ablation_tables(run, summaries)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from chronovisor.eval import contrasts
+from chronovisor.eval import contrasts, stats
 from chronovisor.eval.contrasts import ContrastResult, NoiseFloor
 from chronovisor.eval.pairing import Run, SettingSummary
 from chronovisor.eval.rundir import file_slug
@@ -134,6 +134,31 @@ def baselines_section(run: Run) -> list[Block]:
 
 
 # ------------------------------------------------------------------------------- separation
+def noncausal_section(run: Run) -> list[Block]:
+    """Expert Choice runs only (else no lines): per arm, the causal held-out loss (the reported one,
+    threshold routing) beside the non-causal one (capacity routing, which reads later tokens), and
+    their paired gap over seeds: the size of the future-token leak."""
+    groups: dict[tuple[str, str, str], list] = {}
+    for record in run.records.values():
+        if record.heldout.noncausal_loss is not None:
+            groups.setdefault((record.protocol, record.model, record.variant), []).append(record)
+    if not groups:
+        return []
+    rows = []
+    for (protocol, model, variant), records in sorted(groups.items()):
+        causal = [r.heldout.loss for r in records]
+        noncausal = [r.heldout.noncausal_loss for r in records]
+        gap = stats.paired_t_interval([n - c for n, c in zip(noncausal, causal, strict=True)])
+        rows.append([protocol, model, variant, str(len(records)), _num(sum(causal) / len(causal), 4),
+                     _num(sum(noncausal) / len(noncausal), 4), _ci(gap, lambda v: f"{v:+.4f}")])
+    return ["## Expert Choice: causal vs non-causal held-out loss", "",
+            "Held-out losses above are causal (per-expert thresholds learned in training). With capacity routing "
+            "each expert picks from the whole sequence, later tokens included; that loss is not a valid "
+            "next-token loss and is shown only to size the leak (gap = non-causal − causal, 95% t interval).", "",
+            Table("causal_vs_noncausal", ["protocol", "model", "arm", "n", "causal loss", "non-causal loss", "gap [95% CI]"],
+                  rows), ""]
+
+
 def separation_section(run: Run, summaries: list[SettingSummary]) -> list[Block]:
     lines = ["## Separation", ""]
     if contrasts.phase_order_fixed(run):

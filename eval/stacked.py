@@ -21,7 +21,7 @@ import torch
 
 from chronovisor.controllers.controller import PER_GROUP_FIELDS
 from chronovisor.eval.fields import FieldTrajectory, field_views, summarize_fields
-from chronovisor.eval.heldout import HeldoutAccumulator, heldout_batches, run_heldout
+from chronovisor.eval.heldout import HeldoutAccumulator, heldout_batches, noncausal_losses, run_heldout
 from chronovisor.eval.inputs import count_changed, tensor_hashes
 from chronovisor.eval.protocols import (
     check_base_unchanged,
@@ -140,8 +140,11 @@ def run_cells_stacked(cells: list[CellSpec], run_dir: RunDir | str | Path, devic
         warm_up(wrapped, warmup, groups, tick)
         accumulators = [HeldoutAccumulator() for _ in stack]
         run_heldout(wrapped, heldout, accumulators)
-        for cell, accumulator, view, trajectory in zip(stack, accumulators, views, trajectories, strict=True):
+        noncausal = noncausal_losses(wrapped, heldout, groups) or [None] * groups
+        for cell, accumulator, view, trajectory, leak in zip(stack, accumulators, views, trajectories, noncausal,
+                                                             strict=True):
             metrics, routing = accumulator.finish(cell.eval, wrapped.info.num_experts, cell.seed)
+            metrics = dataclasses.replace(metrics, noncausal_loss=leak)
             fields = None if cell.is_off else summarize_fields(view, trajectory)
             parts.append((cell, metrics, routing, fields, ModelSummary.of(wrapped.info, controller_stacks(base))))
         wrapped.unwrap()

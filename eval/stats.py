@@ -217,7 +217,10 @@ def paired_t_power(effect: float, sd: float, n: int, alpha: float = DEFAULT_ALPH
         raise ValueError(f"a t-test needs at least two seeds (got n={n})")
     df, noncentrality = n - 1, abs(effect) * math.sqrt(n) / sd
     critical = stats.t.ppf(1 - alpha / 2, df)
-    return float(stats.nct.sf(critical, df, noncentrality) + stats.nct.cdf(-critical, df, noncentrality))
+    # scipy's noncentral t cdf returns NaN far in its lower tail (seen at df = 1, noncentrality >= 8,
+    # where the true value is below 1e-15): that tail counts as 0.
+    lower = float(stats.nct.cdf(-critical, df, noncentrality))
+    return float(stats.nct.sf(critical, df, noncentrality)) + (0.0 if math.isnan(lower) else lower)
 
 
 def minimum_detectable_effect(sd: float, n: int, alpha: float = DEFAULT_ALPHA, power: float = DEFAULT_POWER) -> float:

@@ -28,8 +28,8 @@ from chronovisor.controllers import PTConfig
 from chronovisor.wrappers import build_toy
 
 FAMILIES = ["mixtral-tiny", "switch-tiny", "deepseek_v3-tiny", "qwen2_moe-tiny", "qwen3_moe-tiny", "olmoe-tiny",
-            "gpt_oss-tiny", "granitemoe-tiny", "phimoe-tiny"]
-NO_SELECTION_BIAS = {"phimoe-tiny"}          # the loss_free comparator is not supported there
+            "gpt_oss-tiny", "granitemoe-tiny", "phimoe-tiny", "expertchoice-tiny"]
+NO_SELECTION_BIAS = {"phimoe-tiny", "expertchoice-tiny"}   # the loss_free comparator is not supported there
 
 # Tensor methods that read device data on the host (or need it to size their output).
 SYNC_METHODS = ("item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__", "__index__", "__complex__",
@@ -259,7 +259,8 @@ def test_learnable_offsets_under_autograd_read_nothing_back_to_the_host(guard):
     assert chronovisor_model.controller.pressure_offset.grad is not None
 
 
-@pytest.mark.parametrize("preset", ["mixtral-tiny", "switch-tiny", "deepseek_v3-tiny", "qwen2_moe-tiny"])
+@pytest.mark.parametrize("preset", ["mixtral-tiny", "switch-tiny", "deepseek_v3-tiny", "qwen2_moe-tiny",
+                                    "expertchoice-tiny"])
 def test_wrapped_forward_makes_no_more_host_reads_than_unwrapped(guard, preset):
     """Whole forward, no isolation: the wrapped model may not add host reads to HF's own.
 
@@ -313,7 +314,8 @@ class CudaSyncGuard(SyncGuard):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("preset", ["mixtral-tiny", "switch-tiny", "deepseek_v3-tiny", "qwen2_moe-tiny", "gpt_oss-tiny"])
+@pytest.mark.parametrize("preset", ["mixtral-tiny", "switch-tiny", "deepseek_v3-tiny", "qwen2_moe-tiny", "gpt_oss-tiny",
+                                    "expertchoice-tiny"])
 def test_the_cuda_hot_path_never_synchronises_with_the_host(preset, dtype):
     """Under ``set_sync_debug_mode("error")`` (active while chronovisor code runs) nothing syncs:
     every mode family of the fast path, loss_free, recording, the tick, a stacked controller."""

@@ -228,6 +228,14 @@ def test_minimum_detectable_effect_inverts_the_power():
     assert paired_t_power(minimum_detectable_effect(0.3, 6), 0.3, 6) == pytest.approx(0.8, abs=1e-8)
 
 
+def test_minimum_detectable_effect_of_two_seeds_is_finite_where_scipys_far_lower_tail_is_nan():
+    """df = 1: scipy's nct.cdf gives NaN at noncentrality 8 (true value < 1e-15); the power ignores it."""
+    mde = minimum_detectable_effect(1.0, 2)
+    assert math.isfinite(mde) and mde > 8
+    assert paired_t_power(mde, 1.0, 2) == pytest.approx(0.8, abs=1e-9)
+    assert minimum_detectable_effect(1e-7, 2) == pytest.approx(mde * 1e-7, rel=1e-6)
+
+
 def test_minimum_detectable_effect_is_in_the_units_of_the_sd():
     assert minimum_detectable_effect(sd=2.5, n=8) == pytest.approx(2.5 * minimum_detectable_effect(sd=1.0, n=8))
 

@@ -671,8 +671,8 @@ def test_a_stacked_loss_free_controller_is_refused_on_phimoe():
 
 # ------------------------------------------------------------------------------- toys
 def test_the_research_and_tiny_presets_are_listed():
-    assert {"mixtral-2l8e", "mixtral-4l16e", "switch-2l8e", "mixtral-tiny", "mixtral-tiny-16e",
-            "switch-tiny"} <= set(list_presets())
+    assert {"mixtral-2l8e", "mixtral-4l16e", "switch-2l8e", "expertchoice-2l8e", "expertchoice-4l16e", "mixtral-tiny",
+            "mixtral-tiny-16e", "switch-tiny", "expertchoice-tiny"} <= set(list_presets())
 
 
 def test_an_unknown_preset_name_lists_the_known_ones():
@@ -791,9 +791,9 @@ def test_activation_checkpointing_recompute_is_not_counted_twice():
 
 
 # ------------------------------------------------------------------ family registration
-def test_importing_the_wrappers_package_registers_all_nine_families():
-    assert supported_families() == sorted(["deepseek_v3", "gpt_oss", "granitemoe", "mixtral", "olmoe", "phimoe",
-                                           "qwen2_moe", "qwen3_moe", "switch_transformers"])
+def test_importing_the_wrappers_package_registers_all_ten_families():
+    assert supported_families() == sorted(["deepseek_v3", "expert_choice", "gpt_oss", "granitemoe", "mixtral", "olmoe",
+                                           "phimoe", "qwen2_moe", "qwen3_moe", "switch_transformers"])
 
 
 def test_family_adapter_cannot_be_instantiated_without_route():

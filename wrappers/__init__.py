@@ -11,7 +11,7 @@ Public surface (``chronovisor.model`` builds on these)::
     with attachment.record_routing() as rec: ...   # per-token [tokens, k] expert ids, on device
     attachment.remove()
 
-Extension point: one module per family (``deepseek_v3``, ``gpt_oss``, ``granitemoe``, ``mixtral``,
+Extension point: one module per family (``deepseek_v3``, ``expert_choice``, ``gpt_oss``, ``granitemoe``, ``mixtral``,
 ``olmoe``, ``phimoe``, ``qwen2_moe``, ``qwen3_moe``, ``switch_transformers``), each a
 :class:`FamilyAdapter` subclass that registers itself with :func:`register_family` when it is
 imported (below); the shared hook machinery is in ``base``, discovery in ``registry``, toy presets
@@ -21,6 +21,7 @@ in ``toy``. A new family is a new module here plus its import below.
 # Importing the family modules registers their adapters.
 from chronovisor.wrappers import (
     deepseek_v3,
+    expert_choice,
     gpt_oss,
     granitemoe,
     mixtral,
@@ -70,6 +71,7 @@ __all__ = [
     "build_toy",
     "deepseek_v3",
     "describe",
+    "expert_choice",
     "discover",
     "gpt_oss",
     "granitemoe",

@@ -8,7 +8,7 @@ One router call, inside the HF forward (``prepend=True`` forward hook on the rou
         z      = controller.modulate(layer, logits)    # [tokens, E], float32, on logits.device
         bias   = controller.selection_bias(layer)      # [E] / [tokens, E] or None (``loss_free`` only)
         routing = adapter.select(router, args, output, z, bias)   # the family's exact selection on z
-        controller.record_selection(layer, ids, weights, mask)  # detached; padding excluded
+        controller.record_selection(layer, *adapter.observed(routing), mask)  # detached; padding excluded
         recorder.append(...)                           # optional, stays on the device
         return routing.output                          # replaces the router's output tuple
 
@@ -152,6 +152,16 @@ class FamilyAdapter(abc.ABC):
     def hf_routing(self, module: nn.Module, args: tuple, output: tuple) -> Routing:
         """HF's own decision, read from its unmodified output (for recording only)."""
         return Routing(output, output[2], output[1])
+
+    def observed(self, routing: Routing) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """What the controller counts for one call: ``(expert_index, weights, dispatched)``, each ``[tokens, m]``.
+
+        Token-choice families count every selection, dropped ones included: the routing's own
+        ``[tokens, k]`` ids and weights, ``dispatched`` None. A family where experts choose
+        overrides this to hand over every (token, expert) pair (m = E) with its dispatch mask, so
+        usage counts the tokens each expert processes.
+        """
+        return routing.expert_index, routing.weights, None
 
     def constant_single_weight(self, module: nn.Module) -> bool:
         """Whether top-1 routing gives every token the weight 1 (renormalised, or a softmax over
@@ -515,7 +525,8 @@ class Attachment:
                 return new_output                # same routing again, but it must not count twice
             mask = self.token_mask(site, routing.expert_index.shape[0], routing.expert_index.device)
             if self._observing:
-                controller.record_selection(layer, routing.expert_index.detach(), routing.weights.detach(), mask)
+                ids, weights, dispatched = adapter.observed(routing)
+                controller.record_selection(layer, ids.detach(), weights.detach(), mask, dispatched)
             if self._recorder is not None:
                 self._recorder.append(layer, routing, mask)
             return new_output

@@ -14,6 +14,10 @@ The research presets (hidden 256, vocab 1000):
   (with every block sparse both come back as 0). ``expert_capacity=256`` per sequence (the
   reference runs had no capacity limit; 256 = 2x an even share of a 1024-token sequence).
 
+* ``expertchoice-2l8e`` / ``expertchoice-4l16e``: the Expert Choice model of this project
+  (``chronovisor.expert_choice``, experts choose tokens, capacity factor 2 so a token gets 2
+  experts on average, like top-2) at the Mixtral presets' widths, 2 x 8 and 4 x 16 experts.
+
 ``*-tiny`` presets (hidden 32) exist for tests, one per supported family.
 
 All presets use ``attn_implementation="eager"`` (the only one SwitchTransformers has; deterministic
@@ -25,6 +29,7 @@ global RNG state is left untouched.
 from __future__ import annotations
 
 import difflib
+import importlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,6 +46,8 @@ class ToyPreset:
     config_class: str
     config: dict[str, Any] = field(default_factory=dict)
     description: str = ""
+    #: the module that defines ``model_class`` and ``config_class``.
+    library: str = "transformers"
 
 
 _MIXTRAL_256 = dict(vocab_size=1000, hidden_size=256, intermediate_size=1024, num_attention_heads=8,
@@ -56,6 +63,13 @@ _SWITCH = dict(vocab_size=1000, num_layers=4, num_decoder_layers=4, num_sparse_e
 _DECODER_32 = dict(vocab_size=1000, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                    num_key_value_heads=2, num_experts_per_tok=2, max_position_embeddings=512)
 
+# Expert Choice: the Mixtral widths, the sparse block replaced (capacity factor 2 ~ top-2's compute).
+_EXPERT_CHOICE = dict(_MIXTRAL_256, capacity_factor=2.0)
+del _EXPERT_CHOICE["num_experts_per_tok"]
+_EXPERT_CHOICE_32 = dict(_MIXTRAL_32, capacity_factor=2.0)
+del _EXPERT_CHOICE_32["num_experts_per_tok"]
+_EXPERT_CHOICE_LIBRARY = "chronovisor.expert_choice"
+
 _PRESETS = [
     ToyPreset("mixtral-2l8e", "mixtral", "MixtralForCausalLM", "MixtralConfig",
               dict(_MIXTRAL_256, num_hidden_layers=2, num_local_experts=8),
@@ -68,6 +82,17 @@ _PRESETS = [
               dict(_SWITCH, d_model=256, d_ff=1024, d_kv=32, num_heads=8, expert_capacity=256,
                    router_aux_loss_coef=0.01, router_z_loss_coef=0.001),
               "Switch top-1, 8 experts, hidden 256; 2 sparse of 4 blocks per stack (enc 2 + dec 2 routers)"),
+    ToyPreset("expertchoice-2l8e", "expert_choice", "ExpertChoiceForCausalLM", "ExpertChoiceConfig",
+              dict(_EXPERT_CHOICE, num_hidden_layers=2, num_local_experts=8),
+              "Expert Choice 2 layers x 8 experts, capacity factor 2, hidden 256 (the plan's third system)",
+              library=_EXPERT_CHOICE_LIBRARY),
+    ToyPreset("expertchoice-4l16e", "expert_choice", "ExpertChoiceForCausalLM", "ExpertChoiceConfig",
+              dict(_EXPERT_CHOICE, num_hidden_layers=4, num_local_experts=16),
+              "Expert Choice 4 layers x 16 experts, capacity factor 2, hidden 256",
+              library=_EXPERT_CHOICE_LIBRARY),
+    ToyPreset("expertchoice-tiny", "expert_choice", "ExpertChoiceForCausalLM", "ExpertChoiceConfig",
+              dict(_EXPERT_CHOICE_32, num_hidden_layers=2, num_local_experts=8),
+              "test-size expertchoice-2l8e (hidden 32)", library=_EXPERT_CHOICE_LIBRARY),
     ToyPreset("mixtral-tiny", "mixtral", "MixtralForCausalLM", "MixtralConfig",
               dict(_MIXTRAL_32, num_hidden_layers=2, num_local_experts=8),
               "test-size mixtral-2l8e (hidden 32)"),
@@ -143,13 +168,11 @@ def _preset(name: str) -> ToyPreset:
 
 def toy_config(name: str, **overrides: Any):
     """The HF config of a preset, with ``overrides`` applied (any config field)."""
-    import transformers
-
     preset = _preset(name)
     values = dict(preset.config)
     values.update(overrides)
     values.setdefault("attn_implementation", "eager")
-    config_class = getattr(transformers, preset.config_class)
+    config_class = getattr(importlib.import_module(preset.library), preset.config_class)
     return config_class(**values)
 
 
@@ -159,13 +182,11 @@ def build_toy(name: str, seed: int = 0, **overrides: Any):
     ``overrides`` are config fields (e.g. ``expert_capacity=4``, ``num_hidden_layers=3``). The
     same ``(name, seed, overrides)`` gives bit-identical weights; the global RNG is not touched.
     """
-    import transformers
-
     preset = _preset(name)
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ValueError(f"seed must be an integer, got {seed!r}")
     config = toy_config(name, **overrides)
-    model_class = getattr(transformers, preset.model_class)
+    model_class = getattr(importlib.import_module(preset.library), preset.model_class)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = model_class(config)
