@@ -11,7 +11,7 @@ adapts on nothing, so it runs once per seed (stream ``none``) and pairs with eve
 Paired per seed: every arm of a seed adapts on the same blocks in the same order and is evaluated
 on the same held-out blocks (drawn per seed). Seeds vary the stream, the evaluation draw, the
 controller's seed and the LoRA init; the checkpoint is the same for all. Each finished cell is one
-JSON file under ``cells/``; a rerun skips them. :mod:`.study_report` turns them into the table.
+JSON file under ``cells/``; a rerun skips them, and a rerun with more seeds adds theirs. :mod:`.study_report` turns them into the table.
 """
 
 from __future__ import annotations
@@ -159,8 +159,9 @@ def adapt(prepared: PreparedArm, batches: list[torch.Tensor], config: StudyConfi
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        controller.step(loss=loss.detach())
-        losses.append(float(loss))
+        detached = loss.detach()
+        controller.step(loss=detached)
+        losses.append(float(detached))
     return float(np.mean(losses))
 
 
@@ -224,8 +225,9 @@ def run_study(config: StudyConfig, out_dir: str | Path, *, progress: bool = True
     out_dir = Path(out_dir)
     (out_dir / CELLS_DIR).mkdir(parents=True, exist_ok=True)
     saved = out_dir / CONFIG_FILE
-    if saved.is_file() and json.loads(saved.read_text()) != config.to_dict():
-        raise RunDirError(f"{out_dir} holds a study with another config ({CONFIG_FILE}); use another --out")
+    if saved.is_file() and _without_seeds(json.loads(saved.read_text())) != _without_seeds(config.to_dict()):
+        raise RunDirError(f"{out_dir} holds a study with another config ({CONFIG_FILE}); use another --out "
+                          f"(only seeds may change between runs of one study)")
     saved.write_text(json.dumps(config.to_dict(), indent=1) + "\n")
     data = load_study_data(config.base)
     cells = []
@@ -238,6 +240,11 @@ def run_study(config: StudyConfig, out_dir: str | Path, *, progress: bool = True
             staging.rename(path)
         cells.append(StudyCell(**json.loads(path.read_text())))
     return cells
+
+
+def _without_seeds(config: dict) -> dict:
+    """A study config without its seeds: a cell is keyed by its seed, so a study can be extended by seeds."""
+    return {key: value for key, value in config.items() if key != "seeds"}
 
 
 def read_cells(out_dir: str | Path) -> list[StudyCell]:

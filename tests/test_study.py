@@ -1,10 +1,11 @@
 """The frozen real-text study on the tiny checkpoint: one cell of each arm, pairing, resume and the report."""
 
+import dataclasses
 import math
 
 import pytest
 
-from chronovisor.eval.errors import ConfigError
+from chronovisor.eval.errors import ConfigError, RunDirError
 from chronovisor.eval.study import read_cells, run_study
 from chronovisor.eval.study_config import STUDY_ARMS, StudyConfig, load_study_config
 from chronovisor.eval.study_report import render_report
@@ -79,3 +80,9 @@ def test_a_study_config_with_an_unknown_arm_is_rejected_naming_the_file(tmp_path
     path.write_text("base: runs/x\narms: [off, adapters]\n")
     with pytest.raises(ConfigError, match=r"study\.yaml: study: arms must include off"):
         load_study_config(path)
+
+
+def test_rerunning_a_study_directory_with_another_budget_is_refused_with_the_fix(tiny_study):
+    config, out, _ = tiny_study
+    with pytest.raises(RunDirError, match="use another --out"):
+        run_study(dataclasses.replace(config, steps=config.steps + 1), out, progress=False)
