@@ -287,6 +287,15 @@ def _run_reproduce(args: argparse.Namespace) -> int:
 
 
 # ------------------------------------------------------------------ real text: corpus, pretrain, study
+def _add_run_arguments(parser: argparse.ArgumentParser, example_config: str, out_help: str, example_set: str) -> None:
+    """CONFIG, --out, --set and --no-progress of the real-text commands."""
+    parser.add_argument("config", help=f"YAML config, e.g. {example_config}")
+    parser.add_argument("--out", required=True, help=out_help)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help=f"override a config key, e.g. --set {example_set} (repeatable)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
 def _add_corpus(sub) -> None:
     """``chronovisor corpus``: build the real two-domain corpus (docs/real_text.md)."""
     parser = sub.add_parser("corpus", help="build the real-text corpus (stdlib prose + code), checked against "
@@ -311,11 +320,8 @@ def _add_corpus(sub) -> None:
 def _add_pretrain(sub) -> None:
     """``chronovisor pretrain``: train the Mixtral MoE from scratch on the corpus, beside its BPE tokenizer."""
     parser = sub.add_parser("pretrain", help="pretrain a Mixtral MoE from scratch on the real-text corpus")
-    parser.add_argument("config", help="YAML pretraining config, e.g. configs/realtext_pretrain.yaml")
-    parser.add_argument("--out", required=True, help="run directory (corpus/, model/, pretrain.json)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config key, e.g. --set train.steps=20 (repeatable)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_run_arguments(parser, "configs/realtext/pretrain.yaml", "run directory (corpus/, model/, pretrain.json)",
+                       "train.steps=20")
 
     def run(args: argparse.Namespace) -> int:
         from chronovisor.eval.pretrain import pretrain
@@ -335,12 +341,9 @@ def _add_pretrain(sub) -> None:
 def _add_study(sub) -> None:
     """``chronovisor study``: the frozen real-text study (arms x streams x seeds) and its report."""
     parser = sub.add_parser("study", help="run the frozen real-text study on a pretrained checkpoint (resumable)")
-    parser.add_argument("config", help="YAML study config, e.g. configs/realtext_study.yaml")
-    parser.add_argument("--out", required=True, help="study directory (study.json, cells/, report.md)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config key, e.g. --set seeds=2 (repeatable)")
+    _add_run_arguments(parser, "configs/realtext/study.yaml", "study directory (study.json, cells/, report.md)",
+                       "seeds=5")
     parser.add_argument("--report-only", action="store_true", help="only write report.md from the finished cells")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     def run(args: argparse.Namespace) -> int:
         from chronovisor.eval.study import run_study

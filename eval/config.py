@@ -45,8 +45,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from chronovisor.controllers import PTConfig
 from chronovisor.eval.config_keys import (
     parse_controller,
@@ -59,7 +57,7 @@ from chronovisor.eval.config_keys import (
 )
 from chronovisor.eval.config_types import build, section_values
 from chronovisor.eval.errors import ConfigError
-from chronovisor.eval.overrides import apply_overrides, expand_env
+from chronovisor.eval.overrides import load_config_file
 from chronovisor.eval.specs import (
     AUX_LOSS,
     OFF,
@@ -162,23 +160,12 @@ def load_config(path: str | Path, overrides: Iterable[str] = ()) -> SweepConfig:
 
     Args:
         path: the YAML file.
-        overrides: ``KEY=VALUE`` strings (see :func:`apply_overrides`).
+        overrides: ``KEY=VALUE`` strings (see :func:`~chronovisor.eval.overrides.apply_overrides`).
 
     Raises:
         ConfigError: one line naming the file and the key.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as error:
-        raise ConfigError(f"{path}: not valid YAML ({error})") from None
-    try:
-        raw = apply_overrides(raw if raw is not None else {}, overrides)
-        return parse_config(expand_env(raw, ""), name=path.stem)
-    except ConfigError as error:
-        raise ConfigError(f"{path}: {error}") from None
+    return load_config_file(path, overrides, "config file", parse_config)
 
 
 def parse_config(raw: Any, name: str = "sweep") -> SweepConfig:

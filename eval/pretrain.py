@@ -1,6 +1,6 @@
 """``chronovisor pretrain``: a Mixtral-family MoE trained from scratch on the real corpus, saved beside its tokenizer.
 
-    chronovisor pretrain configs/realtext_pretrain.yaml --out runs/realtext
+    chronovisor pretrain configs/realtext/pretrain.yaml --out runs/realtext
 
 writes into ``--out``:
 

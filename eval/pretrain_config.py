@@ -19,11 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from chronovisor.eval.config_types import build, check_value, section_values
 from chronovisor.eval.errors import ConfigError
-from chronovisor.eval.overrides import apply_overrides
+from chronovisor.eval.overrides import load_config_file
 
 
 @dataclass(frozen=True)
@@ -89,31 +87,29 @@ _SCALARS = {"name": str, "seed": int, "threads": int, "max_sources_per_kind": in
 
 
 def load_pretrain_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> PretrainConfig:
-    """Read and validate a pretraining config, with ``--set key.sub=value`` overrides.
+    """Read and validate a pretraining config (``--set key.sub=value`` applied, ``${ENV}`` expanded).
 
     Args:
-        path: the YAML file.
+        path: the YAML file (its stem is the default name).
         overrides: ``KEY=VALUE`` strings (value parsed as YAML).
 
     Raises:
         ConfigError: one line naming the file and the key.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"pretrain config not found: {path}")
-    raw = apply_overrides(yaml.safe_load(path.read_text()) or {}, overrides)
-    try:
-        if not isinstance(raw, dict):
-            raise ConfigError("the config must be a mapping")
-        for key in raw:
-            if key not in (*_SCALARS, "model", "train"):
-                raise ConfigError(f"{key}: unknown key; known keys: {', '.join([*_SCALARS, 'model', 'train'])}")
-        scalars = {key: check_value(raw[key], kind, key) for key, kind in _SCALARS.items() if key in raw}
-        scalars.setdefault("name", path.stem)
-        model = build(MoeShape, section_values(MoeShape, raw.get("model"), "model"), "model")
-        train = build(PretrainSchedule, section_values(PretrainSchedule, raw.get("train"), "train"), "train")
-        if scalars.get("vocab_size", PretrainConfig.vocab_size) < 512:
-            raise ConfigError("vocab_size: must be at least 512")
-        return PretrainConfig(**scalars, model=model, train=train)
-    except ConfigError as error:
-        raise ConfigError(f"{path}: {error}") from None
+    return load_config_file(path, overrides, "pretrain config", parse_pretrain_config)
+
+
+def parse_pretrain_config(raw: Any, name: str) -> PretrainConfig:
+    """Validate a parsed pretraining config; ``name`` is the default ``name``."""
+    if not isinstance(raw, dict):
+        raise ConfigError("the config must be a mapping")
+    for key in raw:
+        if key not in (*_SCALARS, "model", "train"):
+            raise ConfigError(f"{key}: unknown key; known keys: {', '.join([*_SCALARS, 'model', 'train'])}")
+    scalars = {key: check_value(raw[key], kind, key) for key, kind in _SCALARS.items() if key in raw}
+    scalars.setdefault("name", name)
+    model = build(MoeShape, section_values(MoeShape, raw.get("model"), "model"), "model")
+    train = build(PretrainSchedule, section_values(PretrainSchedule, raw.get("train"), "train"), "train")
+    if scalars.get("vocab_size", PretrainConfig.vocab_size) < 512:
+        raise ConfigError("vocab_size: must be at least 512")
+    return PretrainConfig(**scalars, model=model, train=train)

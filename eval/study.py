@@ -1,6 +1,6 @@
 """``chronovisor study``: the frozen real-text study, one cell per (seed, arm, adaptation stream), resumable.
 
-    chronovisor study configs/realtext_study.yaml --out runs/realtext_study
+    chronovisor study configs/realtext/study.yaml --out runs/realtext_study
 
 A cell loads a fresh copy of the pretrained checkpoint, prepares its arm (:mod:`.study_arms`),
 adapts on ``steps`` batches of the stream's training blocks (``mixed``: both domains; or one

@@ -27,12 +27,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from chronovisor.eval.config_types import build, section_values
 from chronovisor.eval.corpus import DOMAINS
 from chronovisor.eval.errors import ConfigError
-from chronovisor.eval.overrides import apply_overrides, expand_env
+from chronovisor.eval.overrides import load_config_file
 
 OFF_ARM = "off"
 #: Every arm of the study; ``off`` is the paired reference and always runs.
@@ -63,6 +61,8 @@ class StudyConfig:
     lora_rank: int = 4
 
     def __post_init__(self) -> None:
+        if False in self.arms:
+            raise ValueError('arms: write "off" in quotes (YAML reads a bare off as false)')
         unknown = [arm for arm in self.arms if arm not in STUDY_ARMS]
         if unknown or OFF_ARM not in self.arms:
             raise ValueError(f"arms must include off and be drawn from {', '.join(STUDY_ARMS)} (got {self.arms})")
@@ -79,26 +79,24 @@ class StudyConfig:
 
 
 def load_study_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> StudyConfig:
-    """Read and validate a study config (``${ENV}`` expanded, ``--set key=value`` applied).
+    """Read and validate a study config (``--set key=value`` applied, ``${ENV}`` expanded).
 
     Args:
-        path: the YAML file.
+        path: the YAML file (its stem is the default name).
         overrides: ``KEY=VALUE`` strings (value parsed as YAML).
 
     Raises:
         ConfigError: one line naming the file and the key.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"study config not found: {path}")
-    try:
-        raw = expand_env(apply_overrides(yaml.safe_load(path.read_text()) or {}, overrides), "")
-        values = section_values(StudyConfig, raw, "study")
-        values.setdefault("name", path.stem)
-        if "base" not in values:
-            raise ConfigError("base: required: the `chronovisor pretrain` run directory (model/ and corpus/)")
-        if isinstance(values.get("seeds"), int) and not isinstance(values["seeds"], bool):
-            values["seeds"] = list(range(values["seeds"]))
-        return build(StudyConfig, values, "study")
-    except ConfigError as error:
-        raise ConfigError(f"{path}: {error}") from None
+    return load_config_file(path, overrides, "study config", parse_study_config)
+
+
+def parse_study_config(raw: Any, name: str) -> StudyConfig:
+    """Validate a parsed study config; ``name`` is the default ``name``; ``seeds: N`` means 0..N−1."""
+    values = section_values(StudyConfig, raw, "study")
+    values.setdefault("name", name)
+    if "base" not in values:
+        raise ConfigError("base: required: the `chronovisor pretrain` run directory (model/ and corpus/)")
+    if isinstance(values.get("seeds"), int) and not isinstance(values["seeds"], bool):
+        values["seeds"] = list(range(values["seeds"]))
+    return build(StudyConfig, values, "study")

@@ -72,7 +72,7 @@ def batch(generator):
 # ----------------------------------------------------- real text: the tiny pretrained checkpoint
 @pytest.fixture(scope="session")
 def tiny_realtext_run(tmp_path_factory):
-    """``chronovisor pretrain configs/realtext_tiny.yaml`` into a temporary run directory, once:
+    """``chronovisor pretrain configs/realtext/tiny.yaml`` into a temporary run directory, once:
     (run directory, its PretrainRecord). A corpus slice, a 512-token BPE, a 2-layer 4-expert Mixtral."""
     from pathlib import Path
 
@@ -80,5 +80,5 @@ def tiny_realtext_run(tmp_path_factory):
     from chronovisor.eval.pretrain_config import load_pretrain_config
 
     out = tmp_path_factory.mktemp("realtext_tiny")
-    config = load_pretrain_config(Path(__file__).parent.parent / "configs" / "realtext_tiny.yaml")
+    config = load_pretrain_config(Path(__file__).parent.parent / "configs" / "realtext" / "tiny.yaml")
     return out, pretrain(config, out, progress=False)

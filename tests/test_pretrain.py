@@ -11,7 +11,7 @@ from chronovisor.eval.errors import ConfigError
 from chronovisor.eval.pretrain import pretrain
 from chronovisor.eval.pretrain_config import load_pretrain_config
 
-TINY = Path(__file__).parent.parent / "configs" / "realtext_tiny.yaml"
+TINY = Path(__file__).parent.parent / "configs" / "realtext" / "tiny.yaml"
 
 
 def test_tiny_pretraining_saves_a_mixtral_beside_its_tokenizer_that_from_pretrained_loads(tiny_realtext_run):
@@ -47,3 +47,12 @@ def test_a_pretrain_config_with_an_unknown_key_is_rejected_naming_the_file_and_t
     path.write_text("train:\n  stepz: 3\n")
     with pytest.raises(ConfigError, match=r"bad\.yaml: train\.stepz: unknown key"):
         load_pretrain_config(path)
+
+
+def test_the_shipped_real_text_configs_validate_with_their_loaders():
+    from chronovisor.eval.study_config import load_study_config
+
+    configs = TINY.parent
+    assert load_pretrain_config(configs / "pretrain.yaml").model.num_local_experts == 8
+    assert load_pretrain_config(configs / "tiny.yaml").max_sources_per_kind == 4
+    assert load_study_config(configs / "study.yaml").base == "runs/realtext"

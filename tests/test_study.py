@@ -77,8 +77,15 @@ def test_the_report_lists_every_arm_with_a_paired_interval_and_the_placebo_noise
 
 def test_a_study_config_with_an_unknown_arm_is_rejected_naming_the_file(tmp_path):
     path = tmp_path / "study.yaml"
-    path.write_text("base: runs/x\narms: [off, adapters]\n")
+    path.write_text('base: runs/x\narms: ["off", adapters]\n')
     with pytest.raises(ConfigError, match=r"study\.yaml: study: arms must include off"):
+        load_study_config(path)
+
+
+def test_a_bare_off_arm_which_yaml_reads_as_false_is_rejected_with_the_quoting_fix(tmp_path):
+    path = tmp_path / "study.yaml"
+    path.write_text("base: runs/x\narms: [off, pt]\n")
+    with pytest.raises(ConfigError, match='write "off" in quotes'):
         load_study_config(path)
 
 
