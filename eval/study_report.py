@@ -107,8 +107,9 @@ def render_report(out_dir: str | Path) -> str:
     lines = [f"# Real-text study: {Path(out_dir).name}", "",
              f"{len(cells)} cells, seeds {sorted({c.seed for c in cells})}. Δloss % = 100·(arm − off)/off per seed "
              "on the same held-out blocks; mean [95% paired t-interval].", "",
-             f"Noise floor (placebo): SD {sd:.3f} % across seeds; minimum detectable effect {mde:.3f} % "
-             f"(n = {n}, α 0.05, power 0.8).", "",
+             f"Noise floor (placebo): SD {sd:.2g} % across seeds; minimum detectable effect {mde:.2g} % "
+             f"(n = {n}, α 0.05, power 0.8). p: two-sided paired t-test, uncorrected (no contrast was declared "
+             "primary: every row is exploratory).", "",
              "| setting | adapt → eval | arm | trainable params | ppl | Δloss % [95% CI] | p |",
              "|---|---|---|---:|---:|---|---:|"]
     for row in rows:
