@@ -99,12 +99,27 @@ def _interval(interval: stats.TInterval, digits: int = 2) -> str:
     return f"{interval.mean:+.{digits}f} [{interval.low:+.{digits}f}, {interval.high:+.{digits}f}]"
 
 
+def summary_table(rows: list[StudyRow]) -> list[str]:
+    """One line per arm, one column per (setting, adapt → eval): the mean Δloss % [95% CI] against off."""
+    columns = list(dict.fromkeys((row.setting, row.adapt, row.evaluate) for row in rows))
+    by_key = {(row.arm, row.setting, row.adapt, row.evaluate): row for row in rows}
+    lines = ["| arm | trainable params | " + " | ".join(f"{s}: {a} → {e}" for s, a, e in columns) + " |",
+             "|---|---:|" + "---|" * len(columns)]
+    for arm in STUDY_ARMS:
+        if arm == OFF_ARM or not any(key[0] == arm for key in by_key):
+            continue
+        cells = [_interval(by_key[arm, *column].delta) if (arm, *column) in by_key else "" for column in columns]
+        count = next(row.trainable_parameters for row in rows if row.arm == arm)
+        lines.append(f"| {arm} | {count:,} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def render_report(out_dir: str | Path) -> str:
     """Write ``report.md`` in a study directory and return its text."""
     cells = read_cells(out_dir)
     rows = study_rows(cells)
     sd, mde, n = noise_floor(rows)
-    lines = [f"# Real-text study: {Path(out_dir).name}", "",
+    lines = [f"# Real-text study: {Path(out_dir).name}", "", *summary_table(rows), "",
              f"{len(cells)} cells, seeds {sorted({c.seed for c in cells})}. Δloss % = 100·(arm − off)/off per seed "
              "on the same held-out blocks; mean [95% paired t-interval].", "",
              f"Noise floor (placebo): SD {sd:.2g} % across seeds; minimum detectable effect {mde:.2g} % "

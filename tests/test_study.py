@@ -71,6 +71,7 @@ def test_the_report_lists_every_arm_with_a_paired_interval_and_the_placebo_noise
     for arm in STUDY_ARMS:
         assert f"| shift | prose → prose | {arm} |" in text
         assert f"| other domain | prose → code | {arm} |" in text
+    assert "| lora | 2,048 | " in text  # the summary table: one line per arm with its trainable parameters
     assert "Expert ↔ domain mutual information" in text
     assert (out / "report.md").read_text() == text
 
