@@ -108,7 +108,8 @@ def summary_table(rows: list[StudyRow]) -> list[str]:
     for arm in STUDY_ARMS:
         if arm == OFF_ARM or not any(key[0] == arm for key in by_key):
             continue
-        cells = [_interval(by_key[arm, *column].delta) if (arm, *column) in by_key else "" for column in columns]
+        keys = [(arm, *column) for column in columns]
+        cells = [_interval(by_key[key].delta) if key in by_key else "" for key in keys]
         count = next(row.trainable_parameters for row in rows if row.arm == arm)
         lines.append(f"| {arm} | {count:,} | " + " | ".join(cells) + " |")
     return lines
