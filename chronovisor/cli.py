@@ -436,7 +436,80 @@ def _run_reproduce(args: argparse.Namespace) -> int:
     return 0 if result.ok else 1
 
 
-_SUBCOMMANDS: list = [_add_inspect, _add_train, _add_sweep, _add_report, _add_reproduce, _add_eval]
+# ------------------------------------------------------------------ real text: corpus, pretrain, study
+def _add_run_arguments(parser: argparse.ArgumentParser, example_config: str, out_help: str, example_set: str) -> None:
+    """CONFIG, --out, --set and --no-progress of the real-text commands."""
+    parser.add_argument("config", help=f"YAML config, e.g. {example_config}")
+    parser.add_argument("--out", required=True, help=out_help)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help=f"override a config key, e.g. --set {example_set} (repeatable)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _add_corpus(sub) -> None:
+    """``chronovisor corpus``: build the real two-domain corpus (docs/real_text.md)."""
+    parser = sub.add_parser("corpus", help="build the real-text corpus (stdlib prose + code), checked against "
+                                           "its recorded hashes")
+    parser.add_argument("--out", required=True, help="corpus directory (train.jsonl, heldout.jsonl, corpus.json)")
+    parser.add_argument("--max-sources-per-kind", type=_positive_int, default=None, metavar="N",
+                        help="a slice: the first N recorded sources of each kind (default: all)")
+
+    def run(args: argparse.Namespace) -> int:
+        from chronovisor.eval.corpus import build_corpus
+
+        summary = build_corpus(args.out, max_sources_per_kind=args.max_sources_per_kind)
+        for count in summary.counts:
+            print(f"{count.domain:6s} {count.split:8s} {count.documents:5d} documents {count.characters:10,d} characters")
+        for name, digest in summary.files.items():
+            print(f"sha256 {digest}  {args.out}/{name}")
+        return 0
+
+    parser.set_defaults(func=run)
+
+
+def _add_pretrain(sub) -> None:
+    """``chronovisor pretrain``: train the Mixtral MoE from scratch on the corpus, beside its BPE tokenizer."""
+    parser = sub.add_parser("pretrain", help="pretrain a Mixtral MoE from scratch on the real-text corpus")
+    _add_run_arguments(parser, "configs/realtext/pretrain.yaml", "run directory (corpus/, model/, pretrain.json)",
+                       "train.steps=20")
+
+    def run(args: argparse.Namespace) -> int:
+        from chronovisor.eval.pretrain import pretrain
+        from chronovisor.eval.pretrain_config import load_pretrain_config
+
+        record = pretrain(load_pretrain_config(args.config, args.set), args.out, progress=not args.no_progress)
+        print(f"pretrained {record.parameters:,} parameters in {record.wall_time_s:.0f} s "
+              f"({record.threads} threads); model: {args.out}/model")
+        for row in record.heldout:
+            print(f"held-out {row.domain:6s} ppl {row.perplexity:8.2f} | bigram {row.bigram_perplexity:8.2f} | "
+                  f"unigram {row.unigram_perplexity:8.2f}")
+        return 0
+
+    parser.set_defaults(func=run)
+
+
+def _add_study(sub) -> None:
+    """``chronovisor study``: the frozen real-text study (arms x streams x seeds) and its report."""
+    parser = sub.add_parser("study", help="run the frozen real-text study on a pretrained checkpoint (resumable)")
+    _add_run_arguments(parser, "configs/realtext/study.yaml", "study directory (study.json, cells/, report.md)",
+                       "seeds=5")
+    parser.add_argument("--report-only", action="store_true", help="only write report.md from the finished cells")
+
+    def run(args: argparse.Namespace) -> int:
+        from chronovisor.eval.study import run_study
+        from chronovisor.eval.study_config import load_study_config
+        from chronovisor.eval.study_report import render_report
+
+        if not args.report_only:
+            run_study(load_study_config(args.config, args.set), args.out, progress=not args.no_progress)
+        print(render_report(args.out))
+        return 0
+
+    parser.set_defaults(func=run)
+
+
+_SUBCOMMANDS: list = [_add_inspect, _add_train, _add_sweep, _add_report, _add_reproduce, _add_eval, _add_corpus,
+                      _add_pretrain, _add_study]
 
 
 def _user_error(error: BaseException) -> BaseException | None:

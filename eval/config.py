@@ -57,7 +57,7 @@ from chronovisor.eval.config_keys import (
 from chronovisor.eval.config_types import build, section_values
 from chronovisor.eval.errors import ConfigError
 from chronovisor.eval.jsonl import read_conversations
-from chronovisor.eval.overrides import apply_overrides, expand_env
+from chronovisor.eval.overrides import load_config_file
 from chronovisor.eval.specs import (
     AUX_LOSS,
     OFF,
@@ -73,7 +73,6 @@ from chronovisor.eval.specs import (
     variant_arm,
     variant_config,
 )
-from chronovisor.eval.yaml_text import load_yaml
 from chronovisor.json_file import read_json_object
 
 _TOP_LEVEL = ("name", "protocol", "models", "model", "seeds", "primary", "data", "train", "eval", "load", "controller",
@@ -162,24 +161,12 @@ def load_config(path: str | Path, overrides: Iterable[str] = ()) -> SweepConfig:
 
     Args:
         path: the YAML file.
-        overrides: ``KEY=VALUE`` strings (see :func:`apply_overrides`).
+        overrides: ``KEY=VALUE`` strings (see :func:`~chronovisor.eval.overrides.apply_overrides`).
 
     Raises:
         ConfigError: one line naming the file and the key.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise ConfigError(f"{path}: not UTF-8 text") from None
-    raw = load_yaml(text, str(path))
-    try:
-        raw = apply_overrides(raw if raw is not None else {}, overrides)
-        return parse_config(expand_env(raw, ""), name=path.stem)
-    except ConfigError as error:
-        raise ConfigError(f"{path}: {error}") from None
+    return load_config_file(path, overrides, "config file", parse_config)
 
 
 def parse_config(raw: Any, name: str = "sweep") -> SweepConfig:

@@ -295,8 +295,25 @@ def uncertainty_coefficient(expert_ids, turn_ids, num_experts: int) -> float:
     h_turn = _entropy(joint.sum(axis=1))
     if h_turn == 0:
         return math.nan  # a single turn: nothing to explain
-    mutual = h_turn + _entropy(joint.sum(axis=0)) - _entropy(joint.reshape(-1))
-    return float(max(mutual, 0.0) / h_turn)
+    return float(_mutual_information_of_counts(joint) / h_turn)
+
+
+def mutual_information(expert_ids, labels, num_experts: int) -> float:
+    """Plug-in mutual information I(expert; label) in bits over all top-k selections.
+
+    ``labels`` is any per-token class (a turn, a domain), −1 on padding; shapes as in
+    :func:`separation`. 0 when routing ignores the label; at most log2 of the number of labels.
+    Biased upwards by ≈ (E−1)(L−1) / (2·n·ln 2) bits for n selections.
+    """
+    experts, classes, _ = _flatten_routing(expert_ids, labels, num_experts)
+    joint = _turn_expert_counts(experts, classes, int(classes.max()) + 1, num_experts).astype(float)
+    return float(_mutual_information_of_counts(joint) / math.log(2))
+
+
+def _mutual_information_of_counts(joint: np.ndarray) -> float:
+    """I(row; column) in nats of a contingency table of counts (clipped at 0 against rounding)."""
+    mutual = _entropy(joint.sum(axis=1)) + _entropy(joint.sum(axis=0)) - _entropy(joint.reshape(-1))
+    return max(float(mutual), 0.0)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any, TypeVar
 
 from chronovisor.eval.errors import ConfigError
 from chronovisor.eval.yaml_text import load_yaml
 
+T = TypeVar("T")
 _ENV_PATTERN = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
@@ -59,3 +61,31 @@ def expand_env(value: Any, where: str) -> Any:
         raise ConfigError(f"{where}: environment variable {name} is not set (the config uses ${{{name}}})")
 
     return _ENV_PATTERN.sub(substitute, value)
+
+
+def load_config_file(path: str | Path, overrides: Iterable[str], what: str, parse: Callable[[Any, str], T]) -> T:
+    """Read a YAML config, apply ``--set`` overrides, expand ``${ENV}`` and validate it with ``parse``.
+
+    Args:
+        path: the YAML file (an empty file is ``{}``).
+        overrides: ``KEY=VALUE`` strings (see :func:`apply_overrides`).
+        what: how a missing file is named in the error, e.g. ``"config file"``.
+        parse: ``parse(raw, name)`` validates the parsed YAML (``name``: the file's stem) and raises
+            :class:`ConfigError` naming the key.
+
+    Raises:
+        ConfigError: the file is missing or not YAML, or an override, variable or key is bad (one line
+            naming the file).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{what} not found: {path}")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not UTF-8 text") from None
+    raw = load_yaml(text, str(path))
+    try:
+        return parse(expand_env(apply_overrides(raw if raw is not None else {}, overrides), ""), path.stem)
+    except ConfigError as error:
+        raise ConfigError(f"{path}: {error}") from None

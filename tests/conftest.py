@@ -119,3 +119,18 @@ def mixtral_tiny_with_tokenizer(tmp_path_factory, word_tokenizer_dir):
     build_toy("mixtral-tiny", seed=0).save_pretrained(directory)
     AutoTokenizer.from_pretrained(word_tokenizer_dir).save_pretrained(directory)
     return directory
+
+
+# ----------------------------------------------------- real text: the tiny pretrained checkpoint
+@pytest.fixture(scope="session")
+def tiny_realtext_run(tmp_path_factory):
+    """``chronovisor pretrain configs/realtext/tiny.yaml`` into a temporary run directory, once:
+    (run directory, its PretrainRecord). A corpus slice, a 512-token BPE, a 2-layer 4-expert Mixtral."""
+    from pathlib import Path
+
+    from chronovisor.eval.pretrain import pretrain
+    from chronovisor.eval.pretrain_config import load_pretrain_config
+
+    out = tmp_path_factory.mktemp("realtext_tiny")
+    config = load_pretrain_config(Path(__file__).parent.parent / "configs" / "realtext" / "tiny.yaml")
+    return out, pretrain(config, out, progress=False)
