@@ -325,7 +325,7 @@ class ChronovisorModel(nn.Module):
                 (see :func:`chronovisor.wrappers.discover`).
         """
         saved = PTController.read_description(directory)
-        if saved.get("adapter_inside") and has_adapter(directory) and not is_peft_model(model):
+        if saved.description.get("adapter_inside") and has_adapter(directory) and not is_peft_model(model):
             model = load_adapter(model, directory, is_trainable)
         routers = discover(model, stacks=stacks)
         info = routers.info

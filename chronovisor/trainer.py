@@ -20,7 +20,7 @@ from torch import nn
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from chronovisor.controllers.controller import CONFIG_FILE
+from chronovisor.controllers.persistence import CONFIG_FILE
 from chronovisor.model import find_wrapper
 from chronovisor.peft_support import is_peft_model, restore_controller_training
 

@@ -8,7 +8,7 @@ One router call, inside the HF forward (``prepend=True`` forward hook on the rou
         z      = controller.modulate(layer, logits)    # [tokens, E], float32, on logits.device
         bias   = controller.selection_bias(layer)      # [E] / [tokens, E] or None (``loss_free`` only)
         routing = adapter.select(router, args, output, z, bias)   # the family's exact selection on z
-        controller.record_selection(layer, *adapter.observed(routing), mask)  # detached; padding excluded
+        controller.record_selection(layer, ids, weights, mask, dispatched)  # adapter.observed(routing); detached
         recorder.append(...)                           # optional, stays on the device
         return routing.output                          # replaces the router's output tuple
 
