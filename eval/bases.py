@@ -79,6 +79,8 @@ def pretrained_base(cell: CellSpec, conversations: Conversations, run_dir: RunDi
         "batch_size": cell.train.batch_size,
         "load": dataclasses.asdict(cell.load),
     }
+    if cell.train.lr_warmup_steps:
+        key["lr_warmup_steps"] = cell.train.lr_warmup_steps
     directory = RunDir.of(run_dir).base_dir(f"{model_tag(cell.model)}_s{cell.seed}_{stable_hash(key)[:12]}")
     if not (directory / BASE_INFO).is_file():
         torch.manual_seed(cell.seed)
@@ -86,7 +88,7 @@ def pretrained_base(cell: CellSpec, conversations: Conversations, run_dir: RunDi
         schedule = training_schedule(len(conversations.train), cell.train.batch_size, cell.train.pretrain_steps,
                                      cell.seed)
         losses = train_steps(base, list(base.parameters()), conversations.train, schedule, cell.train.lr,
-                             cell.train.weight_decay, device)
+                             cell.train.weight_decay, device, lr_warmup_steps=cell.train.lr_warmup_steps)
         directory.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
         _save_weights(base, staging)

@@ -110,6 +110,8 @@ class TrainSpec:
             controller before it is frozen (0 = use the model's weights as they are, e.g. a
             pretrained model directory).
         controller_lr: ``controller_only``: AdamW learning rate of the offsets.
+        lr_warmup_steps: linear learning-rate warm-up over the first steps of every training phase
+            (joint training, base pretraining, the offsets); 0 = the full rate from the first step.
     """
 
     steps: int = 500
@@ -118,9 +120,10 @@ class TrainSpec:
     batch_size: int = 1
     pretrain_steps: int = 0
     controller_lr: float = 1e-2
+    lr_warmup_steps: int = 0
 
     def __post_init__(self) -> None:
-        for name, minimum in (("steps", 0), ("batch_size", 1), ("pretrain_steps", 0)):
+        for name, minimum in (("steps", 0), ("batch_size", 1), ("pretrain_steps", 0), ("lr_warmup_steps", 0)):
             if getattr(self, name) < minimum:
                 raise ValueError(f"train.{name} must be >= {minimum} (got {getattr(self, name)})")
         for name in ("lr", "weight_decay", "controller_lr"):
@@ -348,6 +351,8 @@ class CellSpec:
             unused = [] if not self.is_off else ["steps", "controller_lr"]
         if self.protocol != "frozen":
             data.pop("num_warmup")
+        if not self.train.lr_warmup_steps:
+            unused.append("lr_warmup_steps")       # the default: cells written before the setting existed keep their ids
         for name in unused:
             train.pop(name)
         # The aux_loss arm records the mode-off controller it is wrapped with (its fields are observed,

@@ -43,6 +43,7 @@ def train_steps(
     device: torch.device,
     after_step: Tick | None = None,
     objective: Objective = ce_objective,
+    lr_warmup_steps: int = 0,
 ) -> list[float]:
     """AdamW over ``parameters`` on the scheduled batches; returns the per-step training losses.
 
@@ -55,11 +56,14 @@ def train_steps(
         after_step: ``after_step(step, ce)`` runs after each optimiser step (the controller's tick).
         objective: what each step minimises (:data:`Objective`; default plain CE). The returned
             losses are the CE of each step.
+        lr_warmup_steps: linear learning-rate warm-up over this many steps (:func:`lr_warmup_schedule`;
+            0: ``lr`` from the first step).
 
     Raises:
         NonFiniteTrainingError: a step's loss is NaN or infinite (checked before its update).
     """
     optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=weight_decay)
+    scheduler = lr_warmup_schedule(optimizer, lr_warmup_steps) if lr_warmup_steps else None
     losses = []
     for step, indices in enumerate(schedule):
         inputs = model_inputs(model_of(model), batches.select(indices), device)
@@ -72,9 +76,19 @@ def train_steps(
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
         if after_step is not None:
             after_step(step, detached)
     return losses
+
+
+def lr_warmup_schedule(optimizer: torch.optim.Optimizer, steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up: step s (counted from 0) runs at ``lr · min(1, (s + 1) / steps)``, then ``lr``.
+
+    Call ``.step()`` after each ``optimizer.step()``.
+    """
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / steps))
 
 
 def final_loss(losses: list[float]) -> float | None:

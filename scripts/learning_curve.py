@@ -7,7 +7,7 @@ seconds elapsed. The world's Bayes floor is printed first. This is how a study's
 chosen before the study runs (docs/calibration.md, section 5); it measures the off arm only.
 
     python scripts/learning_curve.py --vocab-size 256 --phase-vocab-size 64 --topic-vocab-size 32 \
-        --batch-size 8 --lr 2e-3 --warmup-steps 100 --steps 1000 --every 100
+        --batch-size 8 --lr 2e-3 --lr-warmup-steps 100 --steps 1000 --every 100
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import torch
 
 from chronovisor.eval import baselines, synthetic
 from chronovisor.eval.inputs import mean_loss, model_inputs
-from chronovisor.eval.train_loop import warmup_schedule
+from chronovisor.eval.train_loop import lr_warmup_schedule
 from chronovisor.model import load_base_model
 
 
@@ -33,7 +33,7 @@ def main() -> None:
     parser.add_argument("--topic-vocab-size", type=int, default=100)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--lr", type=float, default=2e-3)
-    parser.add_argument("--warmup-steps", type=int, default=100)
+    parser.add_argument("--lr-warmup-steps", type=int, default=100)
     parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--every", type=int, default=100)
     parser.add_argument("--num-heldout", type=int, default=16)
@@ -52,7 +52,7 @@ def main() -> None:
     device = torch.device("cpu")
     model = load_base_model(args.model, seed=args.seed).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
-    scheduler = warmup_schedule(optimizer, args.warmup_steps)
+    scheduler = lr_warmup_schedule(optimizer, args.lr_warmup_steps)
     heldout_inputs = model_inputs(model, heldout, device)
     start = time.time()
     for step in range(1, args.steps + 1):

@@ -17,6 +17,7 @@ from chronovisor.eval.inputs import model_inputs, state_hash, training_schedule
 from chronovisor.eval.protocols import run_cell
 from chronovisor.eval.rundir import BASES_DIR
 from chronovisor.eval.specs import CellSpec, DataSpec, EvalSpec, TrainSpec, variant_config
+from chronovisor.eval.train_loop import lr_warmup_schedule
 from chronovisor.wrappers import build_toy
 
 DATA = DataSpec(num_train=4, num_heldout=3, num_warmup=6, generator=TINY_WORLD)
@@ -50,6 +51,31 @@ def test_cell_id_ignores_settings_the_protocol_never_reads():
     assert unused.cell_id == base.cell_id
     used = dataclasses.replace(base, train=dataclasses.replace(TRAIN, steps=7))
     assert used.cell_id != base.cell_id
+
+
+def test_a_learning_rate_warm_up_changes_the_cell_id_and_none_keeps_the_ids_written_before_it_existed():
+    base = cell("joint")
+    assert "lr_warmup_steps" not in base.relevant_settings()["train"]
+    warm = dataclasses.replace(base, train=dataclasses.replace(TRAIN, lr_warmup_steps=3))
+    assert warm.relevant_settings()["train"]["lr_warmup_steps"] == 3 and warm.cell_id != base.cell_id
+
+
+def test_the_learning_rate_warms_up_linearly_and_then_stays_at_the_configured_rate():
+    parameter = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.AdamW([parameter], lr=0.4)
+    schedule = lr_warmup_schedule(optimizer, 4)
+    rates = []
+    for _ in range(6):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        schedule.step()
+    assert rates == pytest.approx([0.1, 0.2, 0.3, 0.4, 0.4, 0.4])
+
+
+def test_a_joint_cell_with_a_warm_up_trains_differently_from_one_without(tmp_path):
+    base = cell("joint", mode="off")
+    warm = dataclasses.replace(base, train=dataclasses.replace(TRAIN, lr_warmup_steps=6))
+    assert run_cell(warm, tmp_path).record.heldout.loss != run_cell(base, tmp_path).record.heldout.loss
 
 
 def test_a_controller_only_cell_needs_a_learnable_pt_config():
