@@ -108,6 +108,11 @@ class TrainSpec:
             controller before it is frozen (0 = use the model's weights as they are, e.g. a
             pretrained model directory).
         controller_lr: ``controller_only``: AdamW learning rate of the offsets.
+        compile: ``joint`` and ``controller_only``: run each training step's forward and backward
+            through ``torch.compile`` (inductor; router hooks traced in). An execution setting,
+            like ``batch_configs``: equal to eager up to float rounding (the held-out loss within
+            1e-4 relative after a short run; see tests/test_compile.py), so it is left out of the
+            cell ids and the config hash, and recorded in each cell's ``numerics``.
     """
 
     steps: int = 500
@@ -116,6 +121,7 @@ class TrainSpec:
     batch_size: int = 1
     pretrain_steps: int = 0
     controller_lr: float = 1e-2
+    compile: bool = False
 
     def __post_init__(self) -> None:
         for name, minimum in (("steps", 0), ("batch_size", 1), ("pretrain_steps", 0)):
@@ -326,6 +332,7 @@ class CellSpec:
         finished cells; the off arm leaves out every controller setting.
         """
         train = dataclasses.asdict(self.train)
+        train.pop("compile")                    # an execution setting (see TrainSpec.compile)
         data = dataclasses.asdict(self.data)
         if self.data.source == "synthetic":
             for name in ("path", "tokenizer", "max_length", "heldout_fraction"):

@@ -41,6 +41,7 @@ def train_steps(
     device: torch.device,
     after_step: Tick | None = None,
     objective: Objective = ce_objective,
+    compile: bool = False,
 ) -> list[float]:
     """AdamW over ``parameters`` on the scheduled batches; returns the per-step training losses.
 
@@ -53,12 +54,17 @@ def train_steps(
         after_step: ``after_step(step, ce)`` runs after each optimiser step (the controller's tick).
         objective: what each step minimises (:data:`Objective`; default plain CE). The returned
             losses are the CE of each step.
+        compile: run the forwards (and so the backwards) of the HF model inside ``model``
+            through ``torch.compile`` (inductor, dynamic shapes: one graph for every sequence
+            length; the router hooks are traced in). The controller must step through
+            ``after_step``, not in the wrapper's forward (``step_mode="manual"``).
     """
     optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=weight_decay)
+    forward = torch.compile(model_of(model), dynamic=True) if compile else model
     losses = []
     for step, indices in enumerate(schedule):
         inputs = model_inputs(model_of(model), batches.select(indices), device)
-        loss, ce = objective(model, inputs)
+        loss, ce = objective(forward, inputs)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
