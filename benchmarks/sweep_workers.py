@@ -50,8 +50,8 @@ def _losses(run_dir: Path) -> dict[str, float]:
 def run(ctx: Context) -> dict[str, Any]:
     from chronovisor.eval.sweep import usable_cores
 
-    steps, seeds, rounds = (5, 1, 1) if ctx.quick else (20, 1, 2)
-    overrides = [f"train.steps={steps}", f"seeds={seeds}"]
+    steps, seeds, rounds, nulls = (5, 1, 1, 10) if ctx.quick else (20, 1, 2, 100)
+    overrides = [f"train.steps={steps}", f"seeds={seeds}", f"eval.null_permutations={nulls}"]
     arms = {"one process": ["--workers", "1"], "pool": []}
     seconds: dict[str, list[float]] = {name: [] for name in arms}
     losses: dict[str, dict[str, float]] = {}
@@ -69,7 +69,8 @@ def run(ctx: Context) -> dict[str, Any]:
     deltas = [abs(losses["pool"][c] - losses["one process"][c]) / abs(losses["one process"][c])
               for c in losses["pool"] if c in losses["one process"]]
     identical = sum(delta == 0 for delta in deltas)
-    grid = f"quickstart grid, {cells} cells ({seeds} seed(s) × 7), train.steps={steps}, {usable_cores()} cores"
+    grid = (f"quickstart grid, {cells} cells ({seeds} seed(s) × 7), train.steps={steps}, "
+            f"eval.null_permutations={nulls}, {usable_cores()} cores")
     rows = [
         row(NAME, f"cells/hour, one process × {usable_cores()} threads ({grid})", median["one process"],
             note=f"{rounds} round(s), median {statistics.median(seconds['one process']):.0f} s per sweep"),
