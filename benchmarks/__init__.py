@@ -34,7 +34,8 @@ import torch
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 #: Benchmark modules in run order.
-BENCHMARKS = ("forward_overhead", "controller_step", "training_step", "sweep_batched", "compile_speedup")
+BENCHMARKS = ("forward_overhead", "controller_step", "training_step", "sweep_batched", "compile_speedup",
+              "sweep_workers", "train_compile", "mixtral_layer")
 
 
 @dataclass

@@ -20,7 +20,7 @@ from benchmarks import BENCHMARKS, RESULTS_DIR, Context, environment, markdown_t
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
-CUDA_DEFAULT = ("forward_overhead", "controller_step", "training_step", "sweep_batched")
+CUDA_DEFAULT = ("forward_overhead", "controller_step", "training_step", "sweep_batched", "mixtral_layer")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -263,6 +263,17 @@ def _add_sweep(sub) -> None:
                              "--set model=/path/to/model (value parsed as YAML; repeatable)")
     parser.add_argument("--dry-run", action="store_true", help="validate and list the cells (done/todo), run nothing")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--workers", type=_positive_int, default=None, metavar="N",
+                        help="local engine: worker processes of cores/N torch threads each, cells handed out as "
+                             "workers free up (default: one per usable core; 1 under accelerate launch)")
+    parser.add_argument("--engine", choices=("local", "ray"), default="local",
+                        help="local: worker processes on this machine (default); ray: one Ray Tune trial per "
+                             "stack of cells on a Ray cluster (pip install 'chronovisor[ray]'; --out on storage "
+                             "every node mounts)")
+    parser.add_argument("--address", default=None, metavar="HOST:PORT",
+                        help="--engine ray: the cluster's head (default: RAY_ADDRESS, else a local Ray started here)")
+    parser.add_argument("--gpus-per-cell", type=float, default=0.0, metavar="FRACTION",
+                        help="--engine ray: GPUs each trial declares, e.g. 0.25 puts four cells on one GPU (default 0)")
     _add_log_with(parser)
     parser.set_defaults(func=_run_sweep)
 
@@ -270,7 +281,7 @@ def _add_sweep(sub) -> None:
 def _run_sweep(args: argparse.Namespace) -> int:
     from chronovisor.eval.config import load_config
     from chronovisor.eval.rundir import RunDir
-    from chronovisor.eval.sweep import describe_cells, distributed_shard, run_sweep
+    from chronovisor.eval.sweep import describe_cells, distributed_shard, run_sweep, usable_cores
 
     config = load_config(args.config, args.set)
     run_dir = RunDir(args.out)
@@ -278,7 +289,6 @@ def _run_sweep(args: argparse.Namespace) -> int:
         run_dir.manifest_for(config.config_hash)
         print(describe_cells(config, run_dir if run_dir.path.is_dir() else None))
         return 0
-    process_index, num_processes, device = distributed_shard()
     on_cell = None
     if args.log_with is not None:
         from chronovisor.eval.tracking import log_cell, tracking_accelerator
@@ -291,13 +301,27 @@ def _run_sweep(args: argparse.Namespace) -> int:
             log_cell(accelerator, record, len(finished))
             finished.append(record.cell_id)
 
-    outcome = run_sweep(config, run_dir, process_index=process_index, num_processes=num_processes,
-                        device=device, progress=not args.no_progress, command=sys.argv, on_cell=on_cell)
+    if args.engine == "ray":
+        from chronovisor.eval.ray_engine import run_sweep_ray
+
+        if args.log_with is not None:
+            raise ValueError("--log-with works with the local engine only; log a Ray sweep with Ray Tune's own "
+                             "loggers, or drop --log-with")
+        label = "ray"
+        outcome = run_sweep_ray(config, run_dir, address=args.address, gpus_per_cell=args.gpus_per_cell,
+                                progress=not args.no_progress, command=sys.argv)
+    else:
+        process_index, num_processes, device = distributed_shard()
+        label = f"{process_index + 1}/{num_processes}"
+        workers = args.workers or (1 if num_processes > 1 else usable_cores())
+        outcome = run_sweep(config, run_dir, workers=workers, process_index=process_index,
+                            num_processes=num_processes, device=device, progress=not args.no_progress,
+                            command=sys.argv, on_cell=on_cell)
     if args.log_with is not None:
         accelerator.end_training()
-    print(f"[{process_index + 1}/{num_processes}] ran {len(outcome.ran)} cells, skipped {len(outcome.skipped)} "
-          f"finished; run {'complete' if outcome.complete else 'incomplete'} ({outcome.total_cells} cells) "
-          f"in {outcome.run_dir}", file=sys.stderr)
+    print(f"[{label}] ran {len(outcome.ran)} cells, skipped {len(outcome.skipped)} finished; run "
+          f"{'complete' if outcome.complete else 'incomplete'} ({outcome.total_cells} cells) in {outcome.run_dir}",
+          file=sys.stderr)
     return 0
 
 

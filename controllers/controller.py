@@ -97,6 +97,10 @@ class PTController(nn.Module):
         }
         for name, values in per_group.items():
             self.register_buffer(name, torch.tensor(values).reshape(-1, 1, 1), persistent=False)
+        # The fields as they reach the logits, cached once per field update (not saved: derived).
+        self.register_buffer("_delivered_bias", torch.zeros(shape), persistent=False)
+        self.register_buffer("_delivered_divisor", torch.ones(shape), persistent=False)
+        self.register_load_state_dict_post_hook(_cache_after_load)
         # Which terms reach the logits at all (Python booleans: no tensor is read to decide).
         self._any_bias = any(per_group["_bias_channel"]) and (shared.dynamics != "loss_free" or shared.learnable)
         self._any_divisor = any(per_group["_temperature_channel"])
@@ -133,6 +137,7 @@ class PTController(nn.Module):
             phases = torch.rand(self._phases.shape[1:], generator=generator, dtype=torch.float64) * dynamics.TWO_PI
             self._phases[group].copy_(phases.to(self._phases.dtype))
         self._coherence.copy_(dynamics.coherence(self._phases))
+        self._cache_delivered_fields()
         self.ticks = 0
 
     def _field(self, name: str) -> torch.Tensor:
@@ -199,30 +204,38 @@ class PTController(nn.Module):
                              f"(a stacked controller needs the batch to hold one equal group per configuration)")
         return tokens // self.num_groups
 
+    @torch.no_grad()
+    def _cache_delivered_fields(self) -> None:
+        """Each group's mode applied to b and T_eff, once per field update (reset, the update ticks
+        of :meth:`step`, a loaded state) rather than in every router call: ``[C, L, E]``."""
+        self._delivered_bias.copy_(torch.where(self._bias_channel, self._pressure, 0.0))
+        self._delivered_divisor.copy_(torch.where(self._temperature_channel, self._effective_temperature, 1.0))
+
     def delivered_fields(self, layer: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """The additive bias and the divisor that reach layer ``layer``'s logits, each ``[C, E]`` or None.
 
         Applies each group's mode (which fields act) and, with ``learnable``, the offsets:
         b_total = b + (δb − mean_k δb), T_total = T_eff · exp(δlogT). ``loss_free`` contributes no
-        dynamic logit bias (its bias is for selection only, see :meth:`selection_bias`).
+        dynamic logit bias (its bias is for selection only, see :meth:`selection_bias`). Without
+        offsets these are slices of the fields cached at the last field update: no kernel runs
+        here outside autograd.
         """
         self._check_layer(layer)
         shared = self.configs[0]
         # Under autograd the fields are copied: step() updates them in place after the forward,
         # and backward still needs the values the forward used.
         snapshot = torch.Tensor.clone if torch.is_grad_enabled() else torch.Tensor.detach
+        if not shared.learnable:
+            return (snapshot(self._delivered_bias[:, layer]) if self._any_bias else None,
+                    snapshot(self._delivered_divisor[:, layer]) if self._any_divisor else None)
         bias_channel, temperature_channel = self._bias_channel[:, 0], self._temperature_channel[:, 0]   # [C, 1]
         bias = divisor = None
         if self._any_bias:
             dynamic = 0.0 if shared.dynamics == "loss_free" else snapshot(self._pressure[:, layer])
-            if shared.learnable:
-                offset = self.pressure_offset[layer]
-                dynamic = dynamic + (offset - offset.mean())
-            bias = torch.where(bias_channel, dynamic, 0.0)
+            offset = self.pressure_offset[layer]
+            bias = torch.where(bias_channel, dynamic + (offset - offset.mean()), 0.0)
         if self._any_divisor:
-            dynamic = snapshot(self._effective_temperature[:, layer])
-            if shared.learnable:
-                dynamic = dynamic * torch.exp(self.log_temperature_offset[layer])
+            dynamic = snapshot(self._effective_temperature[:, layer]) * torch.exp(self.log_temperature_offset[layer])
             divisor = torch.where(temperature_channel, dynamic, 1.0)
         return bias, divisor
 
@@ -387,6 +400,7 @@ class PTController(nn.Module):
         self.ticks += 1
         if self.ticks % shared.update_every == 0:
             self._update_fields()
+            self._cache_delivered_fields()
         counts.zero_()
         self._tick_weight_sums.zero_()
 
@@ -521,6 +535,11 @@ class PTController(nn.Module):
             f"mode={c.mode}, eta={c.eta}, pressure_scale={c.pressure_scale}, ")
         return (f"layers={self.num_layers}, experts={self.num_experts}, top_k={self.top_k}, {groups}"
                 f"dynamics={c.dynamics}, usage={c.usage}")
+
+
+def _cache_after_load(controller: PTController, _incompatible_keys: Any) -> None:
+    """``load_state_dict`` post-hook: the loaded fields reach the logits from the next call on."""
+    controller._cache_delivered_fields()
 
 
 def _check_configs(configs: tuple, stacked: bool) -> None:

@@ -9,7 +9,7 @@ Schema (every key optional unless marked; unknown keys are errors)::
     seeds: 3                         # a count (0..n-1) or a list of integers (required)
     data:    {source, num_train, num_heldout, num_warmup, path, tokenizer, max_length,
               heldout_fraction, + any ConversationConfig field: vocab_size, min_length, ...}
-    train:   {steps, lr, weight_decay, batch_size, pretrain_steps, controller_lr}
+    train:   {steps, lr, weight_decay, batch_size, pretrain_steps, controller_lr, compile}
     eval:    {batch_size, null_permutations, trajectory_every, streaming}
     load:    {device_map, torch_dtype}   # model directories / hub ids only
     controller: {PTConfig fields}        # fixed for every cell (not seed, not learnable)
@@ -31,8 +31,9 @@ of that grid combination do not apply to it). The off arm of every (model, seed)
 the specs and of PTConfig; ranges by the specs' and PTConfig's own checks (every grid combination
 included), all before any work, with errors naming the key.
 
-``batch_configs`` is an execution setting, not part of the experiment (the cells are the same up
-to float32 rounding), so it is left out of the config hash: a run can be resumed with or without it.
+``batch_configs`` and ``train.compile`` are execution settings, not part of the experiment (the
+cells are the same up to float32 rounding), so they are left out of the config hash: a run can be
+resumed with or without them.
 """
 
 from __future__ import annotations
@@ -109,7 +110,9 @@ class SweepConfig:
 
     @property
     def config_hash(self) -> str:
-        return stable_hash({key: value for key, value in self.resolved.items() if key not in _EXECUTION_KEYS})
+        experiment = {key: value for key, value in self.resolved.items() if key not in _EXECUTION_KEYS}
+        experiment["train"] = {key: value for key, value in experiment["train"].items() if key != "compile"}
+        return stable_hash(experiment)
 
     def controller_settings(self) -> list[dict[str, Any]]:
         """Every controller setting of the grid (PTConfig fields + ``mode`` label), deduplicated, in order."""
@@ -189,6 +192,9 @@ def parse_config(raw: Any, name: str = "sweep") -> SweepConfig:
     seeds = parse_seeds(raw)
     data = parse_data(raw.get("data"))
     train = build(TrainSpec, section_values(TrainSpec, raw.get("train"), "train"), "train")
+    if train.compile and protocol == "frozen":
+        raise ConfigError("train.compile: the frozen protocol trains nothing per cell; remove it, or use the "
+                          "joint or controller_only protocol")
     evaluation = build(EvalSpec, section_values(EvalSpec, raw.get("eval"), "eval"), "eval")
     load = build(LoadSpec, section_values(LoadSpec, raw.get("load"), "load"), "load")
     controller = parse_controller(raw)

@@ -155,7 +155,7 @@ def _joint_phase(cell: CellSpec, wrapped, conversations: Conversations, device: 
     objective = aux_loss_objective if cell.objective == AUX_LOSS else ce_objective
     losses = train_steps(wrapped, list(wrapped.model.parameters()), conversations.train, schedule, cell.train.lr,
                          cell.train.weight_decay, device, after_step=tick, objective=objective,
-                         lr_warmup_steps=cell.train.lr_warmup_steps)
+                         lr_warmup_steps=cell.train.lr_warmup_steps, compile=cell.train.compile)
     return PhaseResult(schedule_hash(schedule, conversations.train), train_summary(losses, cell.eval.trajectory_every))
 
 
@@ -181,7 +181,8 @@ def _controller_only_phase(cell: CellSpec, wrapped, conversations: Conversations
             raise RuntimeError("controller_only: the controller has no trainable offsets")
         wrapped.eval()  # a frozen base: no dropout or router jitter; gradients still reach the offsets
         losses = train_steps(wrapped, offsets, conversations.train, schedule, cell.train.controller_lr, 0.0, device,
-                             after_step=tick, lr_warmup_steps=cell.train.lr_warmup_steps)
+                             after_step=tick, lr_warmup_steps=cell.train.lr_warmup_steps,
+                             compile=cell.train.compile)
         train = train_summary(losses, cell.eval.trajectory_every)
     return PhaseResult(schedule_hash(schedule, conversations.train), train, count_changed(wrapped.model, before))
 

@@ -183,7 +183,7 @@ class CellRecord:
         train: the in-sample training loss (None when the protocol trains nothing).
         fields: the controller's fields (None for the off arm).
         base_params_changed: frozen protocols: base tensors that changed (always 0: a change raises).
-        numerics: device and thread count (see :func:`numerics`).
+        numerics: device and thread count (see :func:`numerics`); ``compiled: true`` with ``train.compile``.
         wall_time_s: seconds this cell took (its share of a stacked run).
         process_index: the sweep process that ran it (set by the sweep).
     """
@@ -225,7 +225,7 @@ class CellRecord:
             train=train,
             fields=fields,
             base_params_changed=base_params_changed,
-            numerics=numerics(device),
+            numerics=numerics(device) | ({"compiled": True} if cell.train.compile else {}),
             wall_time_s=wall_time_s,
         )
 

@@ -5,21 +5,37 @@
     RUN_DIR/cells/<cell_id>.json          one per finished cell (written last, atomically: the marker)
     RUN_DIR/cells/<cell_id>.routing.npz   held-out routing of that cell (for routing preservation)
     RUN_DIR/bases/                        pretrained frozen bases (frozen / controller_only)
+    RUN_DIR/claims/<cell_id>.claim        a stack being run now (locked by the process running it)
     RUN_DIR/summary.md, RUN_DIR/plots/    the report
     RUN_DIR/tables/<name>.csv             every table of summary.md as CSV
 
 :class:`RunDir` is the only code that knows these paths; the sweep writes through it and the
 report reads through it.
+
+Several processes may work on one directory at once (the worker pool of one sweep, two sweeps
+started on the same ``--out``, the trials of the Ray engine on several machines over shared
+storage): a process runs a stack only while it holds that stack's *claim*, an exclusive
+``flock`` on ``claims/<first cell id>.claim`` (:meth:`RunDir.try_claim`). The kernel drops the
+lock when its process dies, however it dies, so a claim is never left held by a dead process;
+the file it leaves behind, and the temporary files of writes it did not finish, are removed by
+:meth:`RunDir.clean_stale` at the start of the next run. ``flock`` excludes processes on one
+machine; across machines it needs a shared file system that implements it (NFSv4, Lustre,
+GPFS, CephFS do; Linux NFS clients map it to POSIX byte-range locks).
 """
 
 from __future__ import annotations
 
 import datetime as _dt
+import errno
+import fcntl
 import json
 import os
 import platform
 import re
+import shutil
+import socket
 import subprocess
+import time
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
@@ -41,7 +57,12 @@ BASES_DIR = "bases"
 SUMMARY = "summary.md"
 PLOTS_DIR = "plots"
 TABLES_DIR = "tables"
+CLAIMS_DIR = "claims"
+CLAIM_SUFFIX = ".claim"
 MANIFEST_FORMAT = 1
+#: A temporary file or staging directory this old was left by a write that will never finish
+#: (one atomic write takes seconds), whichever machine started it.
+STALE_AGE_S = 3600.0
 #: What a cell id looks like (:attr:`~chronovisor.eval.specs.CellSpec.cell_id`): a plain file name,
 #: so that no manifest can make the report read outside ``cells/``.
 CELL_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
@@ -58,7 +79,7 @@ def atomic_write(path: Path, write: Callable[[IO[bytes]], Any]) -> None:
         write: called with the open binary handle of the temporary file.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    temporary = temporary_path(path)
     try:
         with open(temporary, "wb") as handle:
             write(handle)
@@ -81,6 +102,85 @@ def _json_default(value: Any) -> Any:
     if hasattr(value, "tolist"):
         return value.tolist()
     raise TypeError(f"not JSON-serialisable: {type(value).__name__}")
+
+
+_HOST = socket.gethostname().replace(".", "-")
+
+
+def temporary_path(path: Path, pid: int | None = None) -> Path:
+    """Where process ``pid`` (default: this one) of this machine writes ``path`` before renaming it:
+    ``.<name>.<host>.<pid>.tmp`` beside it, so that :meth:`RunDir.clean_stale` can tell whose it is."""
+    return path.with_name(f".{path.name}.{_HOST}.{os.getpid() if pid is None else pid}.tmp")
+
+
+def _temporary_writer(name: str) -> tuple[str, int] | None:
+    """(host, pid) of the process that is writing the temporary file ``name`` (None if not one)."""
+    parts = name.split(".")
+    if len(parts) < 5 or parts[0] or parts[-1] != "tmp" or not parts[-2].isdigit():
+        return None
+    return parts[-3], int(parts[-2])
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, someone else's
+        return True
+    return True
+
+
+# ------------------------------------------------------------------------------ claims
+class Claim:
+    """An exclusive hold on one stack of cells (see :meth:`RunDir.try_claim`); release it when done.
+
+    Args:
+        path: the claim file.
+        descriptor: the open descriptor that holds the ``flock``.
+    """
+
+    def __init__(self, path: Path, descriptor: int):
+        self.path, self._descriptor = path, descriptor
+
+    def release(self) -> None:
+        """Remove the claim file, then drop the lock (in this order, see :meth:`RunDir.try_claim`)."""
+        if self._descriptor < 0:
+            return
+        self.path.unlink(missing_ok=True)
+        os.close(self._descriptor)
+        self._descriptor = -1
+
+    def __enter__(self) -> Claim:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.release()
+
+
+def _lock(path: Path) -> int | None:
+    """A descriptor holding an exclusive ``flock`` on the file at ``path`` (created if missing), or
+    None when another open file description holds it.
+
+    A holder removes the file before it unlocks, so a lock taken on a file that is no longer at
+    ``path`` is worthless: then try again with the file now there.
+    """
+    while True:
+        descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as error:
+            os.close(descriptor)
+            if error.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                return None
+            raise
+        try:
+            current = os.stat(path).st_ino
+        except FileNotFoundError:
+            current = None
+        if current == os.fstat(descriptor).st_ino:
+            return descriptor
+        os.close(descriptor)
 
 
 # ------------------------------------------------------------------------------ the directory
@@ -133,6 +233,10 @@ class RunDir:
     def tables_dir(self) -> Path:
         return self.path / TABLES_DIR
 
+    @property
+    def claims_dir(self) -> Path:
+        return self.path / CLAIMS_DIR
+
     def base_dir(self, name: str) -> Path:
         """The directory of the cached pretrained base ``name`` (see :mod:`.bases`)."""
         return self.path / BASES_DIR / name
@@ -184,6 +288,59 @@ class RunDir:
         except (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile) as error:
             raise RunDirError(f"{path}: not a readable routing file ({type(error).__name__}: {error}); delete it and "
                               f"its cell JSON and resume the sweep to re-run the cell") from None
+
+    # -- claims --------------------------------------------------------------------------------
+    def try_claim(self, name: str) -> Claim | None:
+        """Claim the stack ``name`` (its first cell id) for this process, or None if another holds it.
+
+        The claim lasts until :meth:`Claim.release` or the end of the process. Claims exclude
+        each other across processes (and across open calls within one process).
+
+        Args:
+            name: the stack's name; the same name from every process.
+        """
+        self.claims_dir.mkdir(parents=True, exist_ok=True)
+        path = self.claims_dir / f"{name}{CLAIM_SUFFIX}"
+        descriptor = _lock(path)
+        if descriptor is None:
+            return None
+        owner = {"host": socket.gethostname(), "pid": os.getpid(), "since": _now()}
+        os.ftruncate(descriptor, 0)
+        os.pwrite(descriptor, (json.dumps(owner) + "\n").encode(), 0)
+        return Claim(path, descriptor)
+
+    def clean_stale(self) -> list[Path]:
+        """Remove what dead processes left: claim files no process holds, temporary files of
+        unfinished atomic writes (this machine's whose process is gone, or any older than
+        :data:`STALE_AGE_S`), and base staging directories older than that. Returns what it removed.
+
+        Safe while other processes work on the directory: a held claim stays, a live writer's
+        temporary file stays.
+        """
+        removed: list[Path] = []
+        for path in sorted(self.claims_dir.glob(f"*{CLAIM_SUFFIX}")):
+            descriptor = _lock(path)
+            if descriptor is not None:
+                path.unlink(missing_ok=True)
+                os.close(descriptor)
+                removed.append(path)
+        now = time.time()
+        for directory in (self.path, self.cells_dir, self.path / BASES_DIR):
+            for path in sorted(directory.glob(".*.tmp")):
+                writer = _temporary_writer(path.name)
+                try:
+                    age = now - path.stat().st_mtime
+                except FileNotFoundError:
+                    continue
+                dead = writer is not None and writer[0] == _HOST and not _process_alive(writer[1])
+                if dead or age > STALE_AGE_S:
+                    path.unlink(missing_ok=True)
+                    removed.append(path)
+        for path in sorted((self.path / BASES_DIR).glob(".*")):
+            if path.is_dir() and now - path.stat().st_mtime > STALE_AGE_S:
+                shutil.rmtree(path, ignore_errors=True)
+                removed.append(path)
+        return removed
 
     # -- the manifest --------------------------------------------------------------------------
     def read_manifest(self) -> dict[str, Any]:

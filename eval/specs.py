@@ -112,6 +112,11 @@ class TrainSpec:
         controller_lr: ``controller_only``: AdamW learning rate of the offsets.
         lr_warmup_steps: linear learning-rate warm-up over the first steps of every training phase
             (joint training, base pretraining, the offsets); 0 = the full rate from the first step.
+        compile: ``joint`` and ``controller_only``: run each training step's forward and backward
+            through ``torch.compile`` (inductor; router hooks traced in). An execution setting,
+            like ``batch_configs``: equal to eager up to float rounding (the held-out loss within
+            1e-4 relative after a short run; see tests/test_compile.py), so it is left out of the
+            cell ids and the config hash, and recorded in each cell's ``numerics``.
     """
 
     steps: int = 500
@@ -121,6 +126,7 @@ class TrainSpec:
     pretrain_steps: int = 0
     controller_lr: float = 1e-2
     lr_warmup_steps: int = 0
+    compile: bool = False
 
     def __post_init__(self) -> None:
         for name, minimum in (("steps", 0), ("batch_size", 1), ("pretrain_steps", 0), ("lr_warmup_steps", 0)):
@@ -336,6 +342,7 @@ class CellSpec:
         finished cells; the off arm leaves out every controller setting.
         """
         train = dataclasses.asdict(self.train)
+        train.pop("compile")                    # an execution setting (see TrainSpec.compile)
         data = dataclasses.asdict(self.data)
         if self.data.source == "synthetic":
             for name in ("path", "tokenizer", "max_length", "heldout_fraction"):

@@ -1,7 +1,9 @@
-"""Resumable, shardable sweeps: the cells of a :class:`~chronovisor.eval.config.SweepConfig`, run in
-stacks, one atomic JSON per cell in a :class:`~chronovisor.eval.rundir.RunDir`.
+"""Resumable, kill-safe sweeps on every core: the cells of a
+:class:`~chronovisor.eval.config.SweepConfig`, run in stacks, one atomic JSON per cell in a
+:class:`~chronovisor.eval.rundir.RunDir`.
 
-    chronovisor sweep configs/quickstart.yaml --out runs/quickstart [--set train.steps=20 ...]
+    chronovisor sweep configs/quickstart.yaml --out runs/quickstart [--workers N] [--set train.steps=20 ...]
+    chronovisor sweep CONFIG --out RUN_DIR --engine ray --address HEAD:6379      # a Ray cluster
     accelerate launch --multi_gpu --num_processes 2 -m chronovisor.cli sweep CONFIG --out RUN_DIR
 
 A *stack* is a list of cells that run together: one cell (:func:`~chronovisor.eval.protocols.run_cell`)
@@ -9,15 +11,24 @@ or, with ``batch_configs: N`` (``frozen``, not streaming), up to N cells of a (m
 controllers differ only in η, P, mode (and the off arm), through
 :func:`~chronovisor.eval.stacked.run_cells_stacked`.
 
+**Workers.** ``chronovisor sweep`` starts N worker processes (default: the cores this process may
+use, :func:`usable_cores`), each with ``cores // N`` torch threads (1 by default;
+``OMP_NUM_THREADS`` overrides it): on a CPU,
+independent cells in parallel processes beat one process with many threads, whose OpenMP
+barriers stall whenever another process takes a core. Stacks are handed out dynamically: each
+worker walks the plan (its own share first, then the others') and runs every unfinished stack
+it can *claim* (:meth:`~chronovisor.eval.rundir.RunDir.try_claim`, an exclusive lock a dead
+process cannot keep), so a slow cell does not idle the rest, and every process working on the
+directory — the workers, a second ``chronovisor sweep`` on the same ``--out``, the processes of
+``accelerate launch``, the trials of :mod:`~chronovisor.eval.ray_engine` — runs each cell once.
+
 Re-running the same command skips finished cells; an interrupted sweep loses at most the cells in
-progress; a stack runs only its unfinished cells. Cells are bit-reproducible for a fixed device
-and torch thread count (``accelerate launch`` sets OMP_NUM_THREADS=1 per process; a lone process
-uses torch's default): resuming under another process layout is allowed, and the report flags
-on/off pairs whose numerics differ. Under ``accelerate launch`` each process takes every
-``num_processes``-th stack, so each cell is run exactly once. On a CPU-only machine accelerate
-starts several processes only through its torchrun path, ``--multi_gpu`` (the name
-notwithstanding); the sweep then uses ``PartialState(cpu=True)`` (gloo) so the processes see their
-ranks.
+progress (the next run removes the claims and temporary files the dead processes left); a stack
+runs only its unfinished cells. Cells are bit-reproducible for a fixed device and torch thread
+count (recorded per cell): resuming under another process layout is allowed, and the report
+flags on/off pairs whose numerics differ. On a CPU-only machine accelerate starts several
+processes only through its torchrun path, ``--multi_gpu`` (the name notwithstanding); the sweep
+then uses ``PartialState(cpu=True)`` (gloo) so the processes see their ranks.
 """
 
 from __future__ import annotations
@@ -78,13 +89,35 @@ def plan_stacks(cells: list[CellSpec], stack_size: int) -> list[list[CellSpec]]:
 
 
 def shard_stacks(stacks: list[list[CellSpec]], process_index: int, num_processes: int) -> list[list[CellSpec]]:
-    """This process's stacks: every ``num_processes``-th from ``process_index``."""
+    """This process's share of the stacks: every ``num_processes``-th from ``process_index``."""
     return stacks[process_index::num_processes]
+
+
+def claim_order(stacks: list[list[CellSpec]], index: int, count: int) -> list[list[CellSpec]]:
+    """The order in which process ``index`` of ``count`` tries to claim the stacks: its own share
+    (:func:`shard_stacks`) first, so that the processes start on different stacks, then the others'."""
+    return shard_stacks(stacks, index, count) + [stack for i, stack in enumerate(stacks) if i % count != index]
+
+
+def usable_cores() -> int:
+    """The CPU cores this process may run on (its affinity mask; ``os.cpu_count()`` without one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def worker_threads(workers: int) -> int:
+    """Torch threads of each of ``workers`` worker processes: ``OMP_NUM_THREADS`` when it is set,
+    else the usable cores shared out (at least 1)."""
+    setting = os.environ.get("OMP_NUM_THREADS", "")
+    return int(setting) if setting.isdigit() and int(setting) > 0 else max(1, usable_cores() // workers)
 
 
 @dataclass
 class SweepOutcome:
-    """What one process did: cells of its shard run now, skipped (already finished), and in total."""
+    """What one sweep process did: cells run now (by it or its workers), cells already finished
+    when it started, and in total."""
 
     run_dir: Path
     ran: list[str]
@@ -93,15 +126,118 @@ class SweepOutcome:
     complete: bool
 
 
-def run_sweep(config: SweepConfig, run_dir: RunDir | str | Path, *, process_index: int = 0, num_processes: int = 1,
-              device: Any = "cpu", progress: bool = True, command: list[str] | None = None,
-              on_cell: Callable[[CellRecord], None] | None = None) -> SweepOutcome:
-    """Run this process's shard of stacks, skipping finished cells.
+def prepare_run(config: SweepConfig, run_dir: RunDir | str | Path, *, command: list[str] | None,
+                num_processes: int, write_manifest: bool = True) -> tuple[RunDir, list[list[CellSpec]], list[str]]:
+    """Check (and write) the manifest, remove what dead processes left, and plan the stacks.
 
     Args:
         config: the validated sweep.
         run_dir: the run directory (created, or resumed if it holds this config's run).
-        process_index, num_processes: this process's rank and the number of processes.
+        command: the command line recorded in the manifest (default ``sys.argv``).
+        num_processes: processes that run cells (recorded in the manifest).
+        write_manifest: False for every process but one when several start together.
+
+    Returns:
+        The RunDir, the stacks (:func:`plan_stacks`) and the ids of the cells already finished.
+
+    Raises:
+        RunDirError: ``run_dir`` holds the run of another config.
+    """
+    run_dir = RunDir.of(run_dir)
+    run_dir.manifest_for(config.config_hash)
+    cells = config.cells()
+    if write_manifest:
+        run_dir.start(name=config.name, resolved=config.resolved, config_hash=config.config_hash,
+                      cell_ids=[cell.cell_id for cell in cells], command=command or sys.argv,
+                      num_processes=num_processes, stack_size=config.stack_size)
+    run_dir.clean_stale()
+    finished = [cell.cell_id for cell in cells if run_dir.is_finished(cell.cell_id)]
+    return run_dir, plan_stacks(cells, config.stack_size), finished
+
+
+def finish_run(config: SweepConfig, run_dir: RunDir, ran: list[str], skipped: list[str]) -> SweepOutcome:
+    """Stamp the manifest complete if every cell is finished; the outcome of this process."""
+    cells = config.cells()
+    complete = all(run_dir.is_finished(cell.cell_id) for cell in cells)
+    if complete:
+        run_dir.mark_finished()
+    return SweepOutcome(run_dir.path, ran, skipped, len(cells), complete)
+
+
+def run_stack(stack: list[CellSpec], run_dir: RunDir, device: Any, process_index: int) -> list[str]:
+    """Run the unfinished cells of a claimed stack and save each; returns their ids.
+
+    Args:
+        stack: cells that run together (one, or a stack :func:`run_cells_stacked` accepts).
+        run_dir: where their files go.
+        device: where the models run.
+        process_index: recorded in each cell (which sweep process ran it).
+
+    Raises:
+        RuntimeError: naming the cells, when running them failed.
+    """
+    todo = [cell for cell in stack if not run_dir.is_finished(cell.cell_id)]
+    if not todo:
+        return []
+    names = ", ".join(cell.cell_id for cell in todo)
+    started = time.perf_counter()
+    try:
+        results = [run_cell(todo[0], run_dir, device=device)] if len(todo) == 1 else \
+            run_cells_stacked(todo, run_dir, device=device)
+    except Exception as error:
+        raise RuntimeError(f"{'cell' if len(todo) == 1 else 'stacked cells'} {names} failed: {error}") from error
+    elapsed = (time.perf_counter() - started) / len(todo)
+    for result in results:
+        result.record.wall_time_s = elapsed
+        result.record.process_index = process_index
+        run_dir.save_cell(result)
+    return [cell.cell_id for cell in todo]
+
+
+def run_claimed(stacks: list[list[CellSpec]], run_dir: RunDir, *, device: Any, process_index: int,
+                on_cell: Callable[[str], None] = lambda cell_id: None,
+                stop: Callable[[], bool] = lambda: False) -> list[str]:
+    """Run, in order, every unfinished stack of ``stacks`` that this process can claim.
+
+    Args:
+        stacks: the stacks to try (see :func:`claim_order`).
+        run_dir: the run directory.
+        device: where the models run.
+        process_index: recorded in each cell.
+        on_cell: called with each cell id saved.
+        stop: checked before each stack; True ends the loop.
+
+    Returns:
+        The ids of the cells this process ran.
+    """
+    ran = []
+    for stack in stacks:
+        if stop():
+            break
+        if all(run_dir.is_finished(cell.cell_id) for cell in stack):
+            continue
+        claim = run_dir.try_claim(stack[0].cell_id)
+        if claim is None:                       # another process is running it
+            continue
+        with claim:
+            for cell_id in run_stack(stack, run_dir, device, process_index):
+                ran.append(cell_id)
+                on_cell(cell_id)
+    return ran
+
+
+def run_sweep(config: SweepConfig, run_dir: RunDir | str | Path, *, workers: int = 1, process_index: int = 0,
+              num_processes: int = 1, device: Any = "cpu", progress: bool = True,
+              command: list[str] | None = None, on_cell: Callable[[CellRecord], None] | None = None) -> SweepOutcome:
+    """Run every unfinished cell this process (and its workers) can claim, skipping finished cells.
+
+    Args:
+        config: the validated sweep.
+        run_dir: the run directory (created, or resumed if it holds this config's run).
+        workers: 1: run the cells in this process, with its torch threads. N > 1: start N worker
+            processes (``spawn``) of :func:`worker_threads` torch threads each.
+        process_index, num_processes: this process's rank and the number of processes started
+            together (``accelerate launch``); each starts its own workers.
         device: where the models run.
         progress: show a progress bar.
         command: the command line recorded in the manifest (default ``sys.argv``).
@@ -109,55 +245,111 @@ def run_sweep(config: SweepConfig, run_dir: RunDir | str | Path, *, process_inde
 
     Raises:
         RunDirError: ``run_dir`` holds the run of another config.
+        RuntimeError: a cell failed (naming it; with workers, after the running cells finished).
 
-    The last process to find every cell finished stamps the manifest complete.
+    Whoever finds every cell finished stamps the manifest complete.
     """
     from tqdm.auto import tqdm
 
-    run_dir = RunDir.of(run_dir)
-    run_dir.manifest_for(config.config_hash)
-    cells = config.cells()
-    if process_index == 0:
-        run_dir.start(name=config.name, resolved=config.resolved, config_hash=config.config_hash,
-                      cell_ids=[cell.cell_id for cell in cells], command=command or sys.argv,
-                      num_processes=num_processes, stack_size=config.stack_size)
-    stacks = shard_stacks(plan_stacks(cells, config.stack_size), process_index, num_processes)
-    mine = [cell for stack in stacks for cell in stack]
-    todo_stacks = [[cell for cell in stack if not run_dir.is_finished(cell.cell_id)] for stack in stacks]
-    pending = {cell.cell_id for stack in todo_stacks for cell in stack}
-    skipped = [cell.cell_id for cell in mine if cell.cell_id not in pending]
-    ran = []
-    bar = tqdm(total=len(mine), initial=len(skipped), desc=f"sweep {config.name} [{process_index + 1}/{num_processes}]",
-               unit="cell", position=process_index, disable=not progress, dynamic_ncols=True)
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1 (got {workers})")
+    run_dir, stacks, skipped = prepare_run(config, run_dir, command=command, num_processes=num_processes * workers,
+                                           write_manifest=process_index == 0)
+    total = sum(len(stack) for stack in stacks)
+    bar = tqdm(total=total, initial=len(skipped), unit="cell", position=process_index, disable=not progress,
+               dynamic_ncols=True, desc=f"sweep {config.name} [{process_index + 1}/{num_processes}]"
+                                        + (f" {workers} workers" if workers > 1 else ""))
+    order = claim_order(stacks, process_index, num_processes)
+
+    def saved(cell_id: str) -> None:
+        bar.update(1)
+        if on_cell is not None:
+            on_cell(run_dir.read_record(cell_id))
+
     try:
-        for todo in todo_stacks:
-            if not todo:
-                continue
-            names = ", ".join(cell.cell_id for cell in todo)
-            bar.set_postfix_str(names if len(todo) == 1 else f"{todo[0].cell_id} +{len(todo) - 1} stacked", refresh=True)
-            started = time.perf_counter()
-            try:
-                if len(todo) == 1:
-                    results = [run_cell(todo[0], run_dir, device=device)]
-                else:
-                    results = run_cells_stacked(todo, run_dir, device=device)
-            except Exception as error:
-                raise RuntimeError(f"{'cell' if len(todo) == 1 else 'stacked cells'} {names} failed: {error}") from error
-            elapsed = (time.perf_counter() - started) / len(todo)
-            for result in results:
-                result.record.wall_time_s = elapsed
-                result.record.process_index = process_index
-                run_dir.save_cell(result)
-                ran.append(result.record.cell_id)
-                if on_cell is not None:
-                    on_cell(result.record)
-                bar.update(1)
+        if workers == 1:
+            ran = run_claimed(order, run_dir, device=device, process_index=process_index, on_cell=saved)
+        else:
+            ran = _run_pool(order, run_dir, workers=workers, device=device, first_index=process_index * workers,
+                            on_cell=saved)
     finally:
         bar.close()
-    complete = all(run_dir.is_finished(cell.cell_id) for cell in cells)
-    if complete:
-        run_dir.mark_finished()
-    return SweepOutcome(run_dir.path, ran, skipped, len(cells), complete)
+    return finish_run(config, run_dir, ran, skipped)
+
+
+def _run_pool(stacks: list[list[CellSpec]], run_dir: RunDir, *, workers: int, device: Any, first_index: int,
+              on_cell: Callable[[str], None]) -> list[str]:
+    """Run ``stacks`` in ``workers`` spawned processes; returns the cell ids they ran.
+
+    A failing cell stops the hand-out of further stacks; the running ones finish (nothing is
+    lost), then a RuntimeError carries the first failure. A worker that dies (killed, out of
+    memory) counts as a failure; its claim died with it.
+    """
+    import multiprocessing
+    import queue
+
+    context = multiprocessing.get_context("spawn")
+    messages, stop = context.Queue(), context.Event()
+    threads = worker_threads(workers)
+    processes = {}
+    for slot in range(workers):
+        process = context.Process(
+            target=_worker, name=f"chronovisor-sweep-{first_index + slot}",
+            args=(str(run_dir.path), claim_order(stacks, slot, workers), str(device), threads, first_index + slot,
+                  messages, stop))
+        process.start()
+        processes[first_index + slot] = process
+    ran: list[str] = []
+    failure = None
+    running = set(processes)
+    try:
+        while running:
+            try:
+                kind, index, value = messages.get(timeout=1.0)
+            except queue.Empty:
+                for index in sorted(running):
+                    code = processes[index].exitcode
+                    if code is not None:
+                        running.discard(index)
+                        failure = failure or f"sweep worker {index} died (exit code {code}) before it finished"
+                        stop.set()
+                continue
+            if kind == "cell":
+                ran.append(value)
+                on_cell(value)
+            elif kind == "error":
+                failure = failure or value
+                stop.set()
+            else:
+                running.discard(index)
+    finally:
+        stop.set()
+        for process in processes.values():
+            process.join(timeout=None if failure is None and not running else 60)
+            if process.is_alive():
+                process.terminate()
+                process.join()
+    if failure is not None:
+        raise RuntimeError(failure)
+    return ran
+
+
+def _worker(run_dir: str, stacks: list[list[CellSpec]], device: str, threads: int, index: int,
+            messages: Any, stop: Any) -> None:
+    """A worker process of :func:`_run_pool`: claims and runs stacks, reporting each cell saved."""
+    import traceback
+
+    import torch
+
+    torch.set_num_threads(threads)
+    try:
+        run_claimed(stacks, RunDir(run_dir), device=torch.device(device), process_index=index,
+                    on_cell=lambda cell_id: messages.put(("cell", index, cell_id)), stop=stop.is_set)
+    except Exception as error:  # noqa: BLE001 - reported to the parent, which raises it
+        traceback.print_exc()
+        messages.put(("error", index, str(error)))
+    finally:
+        messages.put(("done", index, None))
 
 
 def distributed_shard() -> tuple[int, int, Any]:

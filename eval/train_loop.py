@@ -44,6 +44,7 @@ def train_steps(
     after_step: Tick | None = None,
     objective: Objective = ce_objective,
     lr_warmup_steps: int = 0,
+    compile: bool = False,
 ) -> list[float]:
     """AdamW over ``parameters`` on the scheduled batches; returns the per-step training losses.
 
@@ -58,16 +59,21 @@ def train_steps(
             losses are the CE of each step.
         lr_warmup_steps: linear learning-rate warm-up over this many steps (:func:`lr_warmup_schedule`;
             0: ``lr`` from the first step).
+        compile: run the forwards (and so the backwards) of the HF model inside ``model``
+            through ``torch.compile`` (inductor, dynamic shapes: one graph for every sequence
+            length; the router hooks are traced in). The controller must step through
+            ``after_step``, not in the wrapper's forward (``step_mode="manual"``).
 
     Raises:
         NonFiniteTrainingError: a step's loss is NaN or infinite (checked before its update).
     """
     optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=weight_decay)
+    forward = torch.compile(model_of(model), dynamic=True) if compile else model
     scheduler = lr_warmup_schedule(optimizer, lr_warmup_steps) if lr_warmup_steps else None
     losses = []
     for step, indices in enumerate(schedule):
         inputs = model_inputs(model_of(model), batches.select(indices), device)
-        loss, ce = objective(model, inputs)
+        loss, ce = objective(forward, inputs)
         detached = ce.detach()
         losses.append(float(detached))
         if not (math.isfinite(losses[-1]) and (loss is ce or math.isfinite(float(loss.detach())))):

@@ -98,3 +98,44 @@ def test_fullgraph_aot_eager_compile_matches_eager_for_a_stacked_controller():
     configs = [PTConfig(eta=0.01 * (s + 1), pressure_scale=0.5 * (s + 1), update_every=2, seed=s) for s in range(3)]
     wrapped, compiled, counter, inputs = _compiled_case("aot_eager", configs, groups=3)
     _check_compiled_tracks_fields(wrapped, compiled, counter, inputs, atol=1e-6)
+
+
+# ------------------------------------------------------------------- train.compile in a sweep cell
+def _train_cell(protocol: str, compile: bool):
+    from conftest import TINY_WORLD
+
+    from chronovisor.eval.config import parse_config
+
+    config = parse_config({
+        "name": "compiled", "protocol": protocol, "models": ["mixtral-tiny"], "seeds": [0],
+        "data": dict(TINY_WORLD, num_train=4, num_heldout=3), "eval": {"null_permutations": 5},
+        "train": {"steps": 4, "lr": 1e-2, "controller_lr": 5e-2, "compile": compile},
+        "grid": {"eta": [0.03], "pressure_scale": [1.0]},
+    })
+    return next(cell for cell in config.cells() if not cell.is_off), config
+
+
+@pytest.mark.parametrize("protocol", ["joint", "controller_only"])
+def test_train_compile_gives_the_eager_cell_within_1e_4_relative_and_keeps_its_id_and_config_hash(
+        protocol, tmp_path, one_torch_thread):
+    from chronovisor.eval.protocols import run_cell
+
+    torch._dynamo.reset()
+    eager_cell, eager_config = _train_cell(protocol, compile=False)
+    compiled_cell, compiled_config = _train_cell(protocol, compile=True)
+    assert compiled_cell.cell_id == eager_cell.cell_id
+    assert compiled_config.config_hash == eager_config.config_hash
+    eager = run_cell(eager_cell, tmp_path / "eager").record
+    compiled = run_cell(compiled_cell, tmp_path / "compiled").record
+    assert compiled.numerics == eager.numerics | {"compiled": True}
+    assert compiled.train.final_loss == pytest.approx(eager.train.final_loss, rel=1e-4)
+    assert compiled.heldout.loss == pytest.approx(eager.heldout.loss, rel=1e-4)
+
+
+def test_train_compile_is_refused_for_the_frozen_protocol_with_the_fix():
+    from chronovisor.eval.config import parse_config
+    from chronovisor.eval.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="train.compile: the frozen protocol trains nothing per cell; remove it"):
+        parse_config({"name": "f", "protocol": "frozen", "models": ["mixtral-tiny"], "seeds": 1,
+                      "train": {"compile": True}, "grid": {"eta": [0.03]}})

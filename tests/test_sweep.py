@@ -188,11 +188,12 @@ def test_sigkilled_sweep_resumes_to_the_same_summary(tmp_path):
     assert manifest["finished"] is not None and len(manifest["resumed"]) == 1
     assert all((cells / name).read_text() == text for name, text in before.items())  # kept, not redone
     assert not list(cells.glob(".*.tmp"))
+    assert not list(RunDir(interrupted).claims_dir.glob("*"))       # the killed workers' claims were cleaned up
     write_report(interrupted)
     assert (interrupted / "summary.md").read_text() == (reference / "summary.md").read_text()
 
 
-def test_two_processes_run_every_cell_exactly_once(tmp_path):
+def test_two_accelerate_processes_share_the_cells_so_that_each_cell_runs_exactly_once(tmp_path):
     config_path = write_config(tmp_path / "tiny.yaml", tiny_config(seeds=[0, 1, 2], grid={"eta": [0.03]}))
     out = tmp_path / "run"
     command = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
@@ -203,12 +204,104 @@ def test_two_processes_run_every_cell_exactly_once(tmp_path):
                                timeout=300)
     assert completed.returncode == 0, completed.stderr[-3000:]
     cells = parse_config(tiny_config(seeds=[0, 1, 2], grid={"eta": [0.03]})).cells()
-    ran = [int(line.split(" ran ")[1].split()[0]) for line in completed.stderr.splitlines() if "] ran " in line]
-    assert sorted(ran) == [3, 3] and sum(ran) == len(cells)
-    for index, cell in enumerate(cells):
-        record = json.loads(RunDir(out).cell_path(cell.cell_id).read_text())
-        assert record["process_index"] == index % 2
+    ran = {int(line[1]) - 1: int(line.split(" ran ")[1].split()[0]) for line in completed.stderr.splitlines()
+           if "] ran " in line}
+    assert sorted(ran) == [0, 1] and sum(ran.values()) == len(cells)
+    indices = [json.loads(RunDir(out).cell_path(cell.cell_id).read_text())["process_index"] for cell in cells]
+    assert {index: indices.count(index) for index in ran} == ran           # each cell by the process that says so
     assert json.loads(RunDir(out).manifest_path.read_text())["finished"] is not None
+
+
+# ------------------------------------------------------------------- workers and claims
+CLAIMER = """
+import sys, time
+from chronovisor.eval.rundir import RunDir
+claim = RunDir(sys.argv[1]).try_claim(sys.argv[2])
+print("held" if claim is not None else "busy", flush=True)
+if claim is not None and sys.argv[3] == "hold":
+    time.sleep(600)
+"""
+
+
+def claimer(run_dir: RunDir, name: str, hold: bool) -> subprocess.Popen:
+    """Another process trying to claim ``name``; it prints held / busy (and, holding, sleeps)."""
+    return subprocess.Popen([sys.executable, "-c", CLAIMER, str(run_dir.path), name, "hold" if hold else "release"],
+                            stdout=subprocess.PIPE, text=True, env=cli_env())
+
+
+def test_a_claimed_stack_cannot_be_claimed_by_another_process_until_the_holder_releases_it(tmp_path):
+    run_dir = RunDir(tmp_path / "run")
+    claim = run_dir.try_claim("stack")
+    assert claim is not None
+    assert claimer(run_dir, "stack", hold=False).communicate(timeout=60)[0].strip() == "busy"
+    claim.release()
+    assert not (run_dir.claims_dir / "stack.claim").exists()
+    assert claimer(run_dir, "stack", hold=False).communicate(timeout=60)[0].strip() == "held"
+
+
+def test_the_claim_of_a_killed_process_is_free_again_and_the_next_run_removes_what_dead_writers_left(tmp_path):
+    from chronovisor.eval.rundir import temporary_path
+
+    run_dir = RunDir(tmp_path / "run")
+    holder = claimer(run_dir, "stack", hold=True)
+    assert holder.stdout.readline().strip() == "held"
+    assert run_dir.try_claim("stack") is None
+    run_dir.cells_dir.mkdir(parents=True)
+    dead_write = temporary_path(run_dir.cell_path("a"), pid=holder.pid)
+    live_write = temporary_path(run_dir.cell_path("b"))
+    for path in (dead_write, live_write):
+        path.write_text("{")
+    holder.kill()
+    holder.wait()
+
+    removed = run_dir.clean_stale()
+    assert sorted(removed) == sorted([run_dir.claims_dir / "stack.claim", dead_write])
+    assert live_write.exists()                                       # this process is alive: its write stays
+    with run_dir.try_claim("stack") as claim:
+        assert claim is not None
+        assert json.loads(claim.path.read_text())["pid"] == os.getpid()
+
+
+@pytest.fixture(scope="module")
+def shared_and_sequential_runs(tmp_path_factory, one_torch_thread):
+    """The tiny sweep run in this process, one cell after another; and by two ``chronovisor sweep``
+    processes started together on one directory, the first with a pool of two workers."""
+    root = tmp_path_factory.mktemp("workers")
+    config = tiny_config()
+    config_path = write_config(root / "tiny.yaml", config)
+    sequential = root / "sequential"
+    run_sweep(parse_config(config), sequential, progress=False)
+    shared = root / "shared"
+    processes = [subprocess.Popen([sys.executable, "-m", "chronovisor.cli", "sweep", str(config_path), "--out",
+                                   str(shared), "--no-progress", "--workers", workers], env=cli_env(),
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                 for workers in ("2", "1")]
+    stderrs = [process.communicate(timeout=600)[1] for process in processes]
+    for process, stderr in zip(processes, stderrs, strict=True):
+        assert process.returncode == 0, stderr[-3000:]
+    return RunDir(sequential), RunDir(shared), parse_config(config).cells(), stderrs
+
+
+def test_two_sweeps_on_one_directory_one_with_two_workers_run_each_cell_exactly_once(shared_and_sequential_runs):
+    _, shared, cells, stderrs = shared_and_sequential_runs
+    ran = [int(stderr.split("] ran ")[1].split()[0]) for stderr in stderrs]
+    assert sum(ran) == len(cells)
+    assert all(shared.is_finished(cell.cell_id) for cell in cells)
+    assert json.loads(shared.manifest_path.read_text())["finished"] is not None
+    assert not list(shared.claims_dir.glob("*"))
+
+
+def test_cells_run_by_worker_processes_have_the_records_of_one_process_running_them_in_turn(shared_and_sequential_runs):
+    sequential, shared, cells, _ = shared_and_sequential_runs
+
+    def content(run_dir: RunDir, cell_id: str) -> dict:
+        record = json.loads(run_dir.cell_path(cell_id).read_text())
+        return {key: value for key, value in record.items() if key not in ("wall_time_s", "process_index")}
+
+    for cell in cells:
+        assert content(shared, cell.cell_id) == content(sequential, cell.cell_id)
+        for layer, ids in sequential.read_routing(cell.cell_id).items():
+            assert (shared.read_routing(cell.cell_id)[layer] == ids).all()
 
 
 # ------------------------------------------------------------------- the shipped configs
