@@ -83,11 +83,10 @@ def test_a_study_config_with_an_unknown_arm_is_rejected_naming_the_file(tmp_path
         load_study_config(path)
 
 
-def test_a_bare_off_arm_which_yaml_reads_as_false_is_rejected_with_the_quoting_fix(tmp_path):
+def test_a_bare_off_arm_is_read_as_the_off_arm_not_as_false(tmp_path):
     path = tmp_path / "study.yaml"
     path.write_text("base: runs/x\narms: [off, pt]\n")
-    with pytest.raises(ConfigError, match='write "off" in quotes'):
-        load_study_config(path)
+    assert load_study_config(path).arms == ["off", "pt"]
 
 
 def test_rerunning_a_study_directory_with_another_budget_is_refused_with_the_fix(tiny_study):
