@@ -6,14 +6,25 @@ cost of a forward does not depend on the values), a 256-token vocabulary so the 
 LM head stay small beside the layer. bf16 where the device supports it (CUDA with bf16, a CPU
 with AVX512-BF16 / AMX), else float32: 1.4 B expert parameters, 2.8 GB in bf16, 5.6 GB in fp32.
 
-One model, two arms timed alternately per round (the order swapped every round): the plain HF
-model (no hooks at all), and the same weights with a ``pt`` controller attached after 2 ticks
-(``update_every=1``: b ≠ 0, T ≠ 1): modulate, re-selection and observe in the router call, forward only. The hooks
-are attached and removed between the timed calls, so both arms use the same tensors.
+One model, three arms timed in turn every round (the order rotated every round, so no arm always
+runs first or last), forward only:
+
+- ``plain``: the HF model with no hooks at all;
+- ``wrapped``: the same weights with a fresh ``pt`` controller attached (pressure 0, temperature 1:
+  the hook modulates, re-selects and counts, and routes every token as the plain model does: the
+  logits are checked to be bit-identical), so the ratio to plain is the cost of the hook alone.
+  This is the row the target applies to;
+- ``wrapped, fields moved``: a ``pt`` controller after 2 ticks (``update_every=1``: b ≠ 0, T ≠ 1).
+  Its fields move tokens between experts, and on a CPU a 128-token batch costs what its split over
+  the experts costs, so this ratio measures the routing change as well as the hook (reported, no target).
+
+The hooks are attached and removed between the timed calls, so every arm uses the same tensors.
+The spread of the per-round ratios is reported beside the median.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -52,45 +63,67 @@ def build_layer(device: torch.device, dtype: torch.dtype, seed: int) -> torch.nn
     return model.eval()
 
 
-def run(ctx: Context) -> dict[str, Any]:
+def _warmed_controller(model: torch.nn.Module, forward: Callable[[], torch.Tensor], ticks: int) -> Any:
+    """A ``pt`` controller for ``model`` after ``ticks`` field updates, detached again."""
     import chronovisor
+
+    wrapped = chronovisor.wrap(model, chronovisor.PTConfig(mode="pt", update_every=1), step_mode="manual")
+    for _ in range(ticks):
+        forward()
+        wrapped.controller.step()
+    wrapped.attachment.remove()
+    return wrapped.controller
+
+
+def run(ctx: Context) -> dict[str, Any]:
     from chronovisor.wrappers import attach
 
     dtype = torch.bfloat16 if supports_bf16(ctx.device) else torch.float32
     tokens = 32 if ctx.quick else (2048 if ctx.is_cuda else 128)
-    rounds = 3 if ctx.quick else (20 if ctx.is_cuda else 6)
+    rounds = 3 if ctx.quick else (20 if ctx.is_cuda else 9)
     model = build_layer(ctx.device, dtype, ctx.seed)
     ids = token_batch(1, tokens, model.config.vocab_size, ctx.device, seed=ctx.seed)
-    wrapped = chronovisor.wrap(model, chronovisor.PTConfig(mode="pt", update_every=1), step_mode="manual")
-    controller = wrapped.controller
 
     def forward() -> torch.Tensor:
         return model(input_ids=ids, use_cache=False).logits
 
     with torch.inference_mode():
-        for _ in range(WARM_TICKS):
-            forward()
-            controller.step()
-        attachment = wrapped.attachment
-        attachment.remove()
-        forward()                                                       # warm the plain path too
-        times: dict[str, list[float]] = {"plain": [], "wrapped": []}
+        controllers = {"wrapped": _warmed_controller(model, forward, 0),
+                       "wrapped, fields moved": _warmed_controller(model, forward, WARM_TICKS)}
+        outputs = {"plain": forward()}                              # also warms the plain path
+        for arm, controller in controllers.items():
+            attachment = attach(model, controller)
+            outputs[arm] = forward()
+            attachment.remove()
+        arms = ["plain", *controllers]
+        times: dict[str, list[float]] = {arm: [] for arm in arms}
         for r in range(rounds):
-            for arm in (("plain", "wrapped") if r % 2 == 0 else ("wrapped", "plain")):
-                if arm == "wrapped":
-                    attachment = attach(model, controller)
+            for arm in arms[r % len(arms):] + arms[:r % len(arms)]:
+                attachment = attach(model, controllers[arm]) if arm in controllers else None
                 times[arm].append(timed(forward, ctx.device))
-                if arm == "wrapped":
+                if attachment is not None:
                     attachment.remove()
-    ratio = ratio_stats(times["wrapped"], times["plain"])
-    arms = {name: summarize(values) for name, values in times.items()}
-    value = ratio["median_pairwise_ratio"]
+    identical = bool(torch.equal(outputs["wrapped"], outputs["plain"]))
+    moved = not torch.equal(outputs["wrapped, fields moved"], outputs["plain"])
+    ratios = {arm: ratio_stats(times[arm], times["plain"]) for arm in controllers}
+    summaries = {arm: summarize(values) for arm, values in times.items()}
     shape = (f"1 layer, hidden 4096, 8 experts × FFN 14336, top-2; {tokens} tokens, "
              f"{str(dtype).removeprefix('torch.')}, {ctx.device.type}")
+
+    def spread(arm: str) -> str:
+        pairwise = ratios[arm]["pairwise_ratios"]
+        return (f"per-round ratios {min(pairwise):.3f}–{max(pairwise):.3f} over {rounds} rounds; plain "
+                f"{summaries['plain']['median_ms']:.0f} ms, this arm {summaries[arm]['median_ms']:.0f} ms")
+
+    hook_only = ratios["wrapped"]["median_pairwise_ratio"]
+    with_routing = ratios["wrapped, fields moved"]["median_pairwise_ratio"]
     rows = [
-        row(NAME, f"wrapped / plain forward ({shape})", value, "×", f"≤ {TARGET}", value <= TARGET,
-            note=f"plain {arms['plain']['median_ms']:.0f} ms, wrapped {arms['wrapped']['median_ms']:.0f} ms, "
-                 f"{rounds} rounds"),
+        row(NAME, f"wrapped (fresh fields, same routing) / plain forward ({shape})", hook_only, "×",
+            f"≤ {TARGET}", hook_only <= TARGET and identical,
+            note=f"logits {'bit-identical to' if identical else 'DIFFER from'} plain; {spread('wrapped')}"),
+        row(NAME, "wrapped (fields moved by 2 ticks) / plain forward, same shape", with_routing, "×",
+            note=f"routing {'differs from' if moved else 'equals'} plain, so this includes the changed expert "
+                 f"load; {spread('wrapped, fields moved')}"),
     ]
-    return {"shape": SHAPE, "tokens": tokens, "dtype": str(dtype), "rounds": rounds, "arms_ms": arms,
-            "ratio": ratio, "raw_seconds": times, "rows": rows}
+    return {"shape": SHAPE, "tokens": tokens, "dtype": str(dtype), "rounds": rounds, "arms_ms": summaries,
+            "ratios": ratios, "fresh_fields_bit_identical": identical, "raw_seconds": times, "rows": rows}

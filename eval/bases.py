@@ -3,7 +3,7 @@
 ``frozen`` and ``controller_only`` freeze a base that was first pretrained without a controller
 for ``train.pretrain_steps``. It is deterministic per seed and identical for both arms, so it is
 trained once and cached in the run directory (:meth:`RunDir.base_dir`); every cell of the seed
-loads that copy.
+loads that copy. The process that trains it holds the base's claim; the others needing it wait.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import dataclasses
 import json
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -27,6 +28,8 @@ from chronovisor.eval.train_loop import final_loss, train_steps
 
 BASE_INFO = "base.json"
 WEIGHTS_FILE = "model.safetensors"
+#: Seconds between looks at the cache while another process trains the base.
+BASE_WAIT_S = 2.0
 
 
 def build_model(model: str, seed: int, load: LoadSpec, device: torch.device) -> torch.nn.Module:
@@ -56,9 +59,11 @@ def pretrained_base(cell: CellSpec, conversations: Conversations, run_dir: RunDi
     """The frozen base of ``frozen``/``controller_only``.
 
     The model after ``train.pretrain_steps`` of plain training (no controller), cached per (model,
-    seed, data, pretraining settings) under ``run_dir``. Concurrent processes may both train it;
-    the first rename wins and every cell loads that copy, so all arms of a seed start from
-    bit-identical weights. With ``pretrain_steps`` 0 the model as built.
+    seed, data, pretraining settings) under ``run_dir``. One process trains it while holding its claim (:meth:`RunDir.try_claim`); the other processes
+    of this machine that need it wait for the cached copy instead of training it too. Processes
+    whose locks do not exclude each other (other machines on storage without ``flock``) may both
+    train it: the first rename wins. Every cell loads the cached copy, so all arms of a seed start
+    from bit-identical weights. With ``pretrain_steps`` 0 the model as built.
 
     Args:
         cell: any cell of the seed (its model, seed, data, train and load settings count).
@@ -81,23 +86,36 @@ def pretrained_base(cell: CellSpec, conversations: Conversations, run_dir: RunDi
     }
     if cell.train.lr_warmup_steps:
         key["lr_warmup_steps"] = cell.train.lr_warmup_steps
-    directory = RunDir.of(run_dir).base_dir(f"{model_tag(cell.model)}_s{cell.seed}_{stable_hash(key)[:12]}")
-    if not (directory / BASE_INFO).is_file():
-        torch.manual_seed(cell.seed)
-        base.train()
-        schedule = training_schedule(len(conversations.train), cell.train.batch_size, cell.train.pretrain_steps,
-                                     cell.seed)
-        losses = train_steps(base, list(base.parameters()), conversations.train, schedule, cell.train.lr,
-                             cell.train.weight_decay, device, lr_warmup_steps=cell.train.lr_warmup_steps)
-        directory.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-        _save_weights(base, staging)
-        write_json(staging / BASE_INFO, {"key": key, "state_hash": state_hash(base), "final_train_loss": final_loss(losses)})
-        try:
-            staging.rename(directory)
-        except OSError:  # another process finished the same base first
-            shutil.rmtree(staging, ignore_errors=True)
+    run_dir = RunDir.of(run_dir)
+    directory = run_dir.base_dir(f"{model_tag(cell.model)}_s{cell.seed}_{stable_hash(key)[:12]}")
+    while not (directory / BASE_INFO).is_file():
+        claim = run_dir.try_claim(f"base_{directory.name}")
+        if claim is None:                      # another process is training it
+            time.sleep(BASE_WAIT_S)
+            continue
+        with claim:
+            if not (directory / BASE_INFO).is_file():
+                _pretrain(base, cell, conversations, directory, key, device)
     return _load_cached(type(base), directory, device)
+
+
+def _pretrain(base: torch.nn.Module, cell: CellSpec, conversations: Conversations, directory: Path,
+              key: dict, device: torch.device) -> None:
+    """Train ``base`` for the cell's ``pretrain_steps`` and cache it at ``directory`` (atomically)."""
+    torch.manual_seed(cell.seed)
+    base.train()
+    schedule = training_schedule(len(conversations.train), cell.train.batch_size, cell.train.pretrain_steps,
+                                 cell.seed)
+    losses = train_steps(base, list(base.parameters()), conversations.train, schedule, cell.train.lr,
+                         cell.train.weight_decay, device, lr_warmup_steps=cell.train.lr_warmup_steps)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    _save_weights(base, staging)
+    write_json(staging / BASE_INFO, {"key": key, "state_hash": state_hash(base), "final_train_loss": final_loss(losses)})
+    try:
+        staging.rename(directory)
+    except OSError:  # a process whose lock did not exclude ours finished the same base first
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def _load_cached(model_class: type, directory: Path, device: torch.device) -> torch.nn.Module:

@@ -95,8 +95,19 @@ def shard_stacks(stacks: list[list[CellSpec]], process_index: int, num_processes
 
 def claim_order(stacks: list[list[CellSpec]], index: int, count: int) -> list[list[CellSpec]]:
     """The order in which process ``index`` of ``count`` tries to claim the stacks: its own share
-    (:func:`shard_stacks`) first, so that the processes start on different stacks, then the others'."""
-    return shard_stacks(stacks, index, count) + [stack for i, stack in enumerate(stacks) if i % count != index]
+    first, so that the processes start on different work, then the others'.
+
+    The share is dealt out by (model, seed) when there are at least ``count`` of them: the arms of
+    a ``frozen`` seed share one pretrained base, which the first process to need it trains while
+    any other process that needs it waits, so the processes start on different seeds. Otherwise
+    stack by stack (:func:`shard_stacks`).
+    """
+    groups = list(dict.fromkeys((stack[0].model, stack[0].seed) for stack in stacks))
+    if len(groups) < count:
+        return shard_stacks(stacks, index, count) + [stack for i, stack in enumerate(stacks) if i % count != index]
+    own = {group for i, group in enumerate(groups) if i % count == index}
+    return ([stack for stack in stacks if (stack[0].model, stack[0].seed) in own]
+            + [stack for stack in stacks if (stack[0].model, stack[0].seed) not in own])
 
 
 def usable_cores() -> int:

@@ -47,3 +47,37 @@ def test_a_cached_base_loads_back_bit_identical_to_the_trained_one(tmp_path):
     again = pretrained_base(CELL, conversations, tmp_path, torch.device("cpu"))
     assert state_hash(first) == state_hash(again)
     assert len(list((tmp_path / "bases").iterdir())) == 1
+
+
+def test_two_processes_needing_one_base_at_once_train_it_once_and_load_the_same_weights(tmp_path, monkeypatch):
+    """The second caller finds the base's claim held and waits for the cached copy (claims exclude each
+    other across threads of one process as across processes); the first one's training is slowed
+    down so that the two calls overlap."""
+    import threading
+    import time
+
+    import chronovisor.eval.bases as bases
+
+    trainings = []
+    pretrain = bases._pretrain
+
+    def slow_pretrain(*args, **kwargs):
+        trainings.append(threading.current_thread().name)
+        time.sleep(1.0)
+        pretrain(*args, **kwargs)
+
+    monkeypatch.setattr(bases, "_pretrain", slow_pretrain)
+    conversations = load_conversations(CELL.data, CELL.seed, CELL.model, CELL.protocol)
+    hashes = {}
+
+    def need_base(name: str) -> None:
+        hashes[name] = state_hash(pretrained_base(CELL, conversations, tmp_path, torch.device("cpu")))
+
+    threads = [threading.Thread(target=need_base, args=(name,), name=name) for name in ("first", "second")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert len(trainings) == 1
+    assert hashes["first"] == hashes["second"]
+    assert not list((tmp_path / "claims").iterdir())

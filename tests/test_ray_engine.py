@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -113,3 +114,36 @@ def test_rerunning_the_ray_sweep_after_a_crash_runs_only_the_lost_cell_and_clear
     assert "[ray] ran 1 cells, skipped 1 finished; run complete (2 cells)" in again.stderr
     assert _content(ray_run, lost) == _content(local, lost)
     assert not list(ray_run.claims_dir.glob("*"))
+
+
+def test_killing_the_live_driver_mid_cell_then_rerunning_the_command_finishes_with_the_local_records(
+        local_and_ray_runs, tmp_path):
+    """SIGKILL the whole driver process group while a trial holds a claim; Ray ends the job's trials, and the
+    same command then runs what was lost and nothing twice."""
+    local, _, command, _ = local_and_ray_runs
+    command = [*command[:command.index("--out") + 1], str(tmp_path / "killed"), *command[command.index("--out") + 2:]]
+    run = RunDir(tmp_path / "killed")
+    driver = subprocess.Popen(command, env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True)
+    deadline = time.monotonic() + 300
+    while not (run.claims_dir.is_dir() and any(run.claims_dir.glob("*.claim"))):
+        assert driver.poll() is None, "the sweep ended before any trial claimed a cell"
+        assert time.monotonic() < deadline, "no trial claimed a cell within 300 s"
+        time.sleep(0.05)
+    os.killpg(driver.pid, signal.SIGKILL)
+    driver.wait()
+    cells = [cell.cell_id for cell in parse_config(CONFIG).cells()]
+    assert not all(run.is_finished(cell) for cell in cells), "the kill came after every cell was finished"
+    while list(run.claims_dir.glob("*.claim")):       # the trials of the dead driver's job end and drop their claims
+        run.clean_stale()
+        assert time.monotonic() < deadline, "a trial of the killed driver still holds its claim after 300 s"
+        time.sleep(0.2)
+    unfinished = [cell for cell in cells if not run.is_finished(cell)]     # a trial may have finished one meanwhile
+
+    again = subprocess.run(command, env=cli_env(), capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"[ray] ran {len(unfinished)} cells, skipped {2 - len(unfinished)} finished; run complete (2 cells)" \
+        in again.stderr
+    for cell in cells:
+        assert _content(run, cell) == _content(local, cell)
+    assert not list(run.claims_dir.glob("*"))

@@ -18,7 +18,7 @@ from chronovisor.eval.config import load_config, parse_config
 from chronovisor.eval.errors import ConfigError, RunDirError
 from chronovisor.eval.report import write_report
 from chronovisor.eval.rundir import RunDir
-from chronovisor.eval.sweep import run_sweep
+from chronovisor.eval.sweep import claim_order, plan_stacks, run_sweep
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -36,6 +36,21 @@ def tiny_config(**changes):
     }
     config.update(changes)
     return {key: value for key, value in config.items() if value is not None}
+
+
+def test_the_workers_of_a_sweep_over_several_seeds_start_on_different_seeds_each_owning_whole_seeds():
+    """The arms of a frozen seed share a pretrained base: two workers starting on one seed would leave one
+    of them waiting for the other's base."""
+    config = parse_config(tiny_config(protocol="frozen", seeds=3, train={"steps": 2, "pretrain_steps": 2}))
+    stacks = plan_stacks(config.cells(), 1)
+    arms = len(stacks) // 3
+    seeds_in_order = [[stack[0].seed for stack in claim_order(stacks, index, 2)] for index in range(2)]
+    assert seeds_in_order == [[0] * arms + [2] * arms + [1] * arms, [1] * arms + [0] * arms + [2] * arms]
+
+
+def test_the_workers_of_a_one_seed_sweep_still_start_on_different_stacks():
+    stacks = plan_stacks(parse_config(tiny_config(seeds=1)).cells(), 1)
+    assert claim_order(stacks, 0, 2)[0] is not claim_order(stacks, 1, 2)[0]
 
 
 def write_config(path: Path, config: dict) -> Path:
