@@ -1,7 +1,7 @@
 """Sweep throughput: cells/hour of ``chronovisor sweep`` today's way vs the default worker pool.
 
-The quickstart grid (``configs/quickstart.yaml``: joint, mixtral-tiny, 7 cells per seed) with
-fewer steps and seeds so that a run takes minutes, run as the CLI runs it, in subprocesses
+The quickstart grid (``configs/quickstart.yaml``: joint, mixtral-tiny, 7 cells per seed of 400 steps)
+for one seed (``--quick``: 5 steps), so that a run takes minutes, run as the CLI runs it, in subprocesses
 (process start, imports and the pool's spawns included), alternately:
 
 * ``one process``: ``--workers 1``: one process with torch's default thread count (the cores),
@@ -50,7 +50,7 @@ def _losses(run_dir: Path) -> dict[str, float]:
 def run(ctx: Context) -> dict[str, Any]:
     from chronovisor.eval.sweep import usable_cores
 
-    steps, seeds, rounds, nulls = (5, 1, 1, 10) if ctx.quick else (20, 1, 2, 100)
+    steps, seeds, rounds, nulls = (5, 1, 1, 10) if ctx.quick else (400, 1, 2, 100)
     overrides = [f"train.steps={steps}", f"seeds={seeds}", f"eval.null_permutations={nulls}"]
     arms = {"one process": ["--workers", "1"], "pool": []}
     seconds: dict[str, list[float]] = {name: [] for name in arms}
