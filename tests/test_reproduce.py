@@ -227,3 +227,12 @@ def test_the_rerun_uses_the_published_thread_count_by_default(published, tmp_pat
     assert "here:" in capsys.readouterr().out
     record = json.loads(next((tmp_path / "re" / "cells").glob("*.json")).read_text())
     assert record["numerics"]["torch_threads"] == 1
+
+
+@pytest.mark.parametrize("run", sorted(path.parent.name for path in
+                                       (Path(__file__).resolve().parent.parent / "docs" / "results").glob("*/manifest.json")))
+def test_every_published_run_is_read_back_by_this_code_with_its_manifests_config_hash_and_cells(run):
+    """A setting added later with a default that changes nothing (e.g. train.lr_warmup_steps 0) must leave
+    the runs published before it reproducible and resumable."""
+    published = load_published(Path(__file__).resolve().parent.parent / "docs" / "results" / run)
+    assert published.records
