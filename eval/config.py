@@ -70,6 +70,7 @@ from chronovisor.eval.specs import (
     LoadSpec,
     TrainSpec,
     arm_name,
+    identifying_train_settings,
     stable_hash,
     variant_arm,
     variant_config,
@@ -111,10 +112,7 @@ class SweepConfig:
     @property
     def config_hash(self) -> str:
         experiment = {key: value for key, value in self.resolved.items() if key not in _EXECUTION_KEYS}
-        # compile is an execution setting; lr_warmup_steps at its default 0 is left out so that runs
-        # written before the setting existed keep their hash (as their cells keep their ids).
-        experiment["train"] = {key: value for key, value in experiment["train"].items()
-                               if key != "compile" and not (key == "lr_warmup_steps" and not value)}
+        experiment["train"] = identifying_train_settings(experiment["train"])
         return stable_hash(experiment)
 
     def controller_settings(self) -> list[dict[str, Any]]:

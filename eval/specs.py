@@ -94,6 +94,17 @@ class DataSpec:
         return synthetic.ConversationConfig(**self.generator)
 
 
+def identifying_train_settings(train: dict[str, Any]) -> dict[str, Any]:
+    """The ``train`` settings that identify a result, for cell ids and the config hash alike.
+
+    ``compile`` is an execution setting (see :class:`TrainSpec`) and is left out; so is
+    ``lr_warmup_steps`` at its default 0, so that cells and runs written before the setting existed
+    keep their ids and hash.
+    """
+    return {key: value for key, value in train.items()
+            if key != "compile" and not (key == "lr_warmup_steps" and not value)}
+
+
 @dataclass(frozen=True)
 class TrainSpec:
     """Optimisation settings (AdamW, plain next-token cross-entropy; the ``aux_loss`` arm adds the
@@ -341,8 +352,7 @@ class CellSpec:
         Settings a protocol never reads are left out, so editing them does not invalidate
         finished cells; the off arm leaves out every controller setting.
         """
-        train = dataclasses.asdict(self.train)
-        train.pop("compile")                    # an execution setting (see TrainSpec.compile)
+        train = identifying_train_settings(dataclasses.asdict(self.train))
         data = dataclasses.asdict(self.data)
         if self.data.source == "synthetic":
             for name in ("path", "tokenizer", "max_length", "heldout_fraction"):
@@ -358,8 +368,6 @@ class CellSpec:
             unused = [] if not self.is_off else ["steps", "controller_lr"]
         if self.protocol != "frozen":
             data.pop("num_warmup")
-        if not self.train.lr_warmup_steps:
-            unused.append("lr_warmup_steps")       # the default: cells written before the setting existed keep their ids
         for name in unused:
             train.pop(name)
         # The aux_loss arm records the mode-off controller it is wrapped with (its fields are observed,
