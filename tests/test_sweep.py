@@ -335,6 +335,27 @@ def test_shipped_configs_validate(name, tmp_path, monkeypatch):
     assert config.cells()
 
 
+#: The shipped study configs on the synthetic world (quickstart is a demo; headline_joint and headline_frozen
+#: are kept as their published runs ran).
+STUDY_CONFIGS = ["headline_frozen_learned", "headline_joint_learned", "ablation_mixtral_2l8e", "sweep_eta_p",
+                 "scaling_mixtral_4l16e", "switch_2l8e", "expertchoice_2l8e", "expertchoice_2l8e_grid"]
+
+
+@pytest.mark.parametrize("name", STUDY_CONFIGS)
+def test_study_configs_see_each_training_conversation_once_in_a_random_phase_order_beside_a_placebo(name):
+    sweep = load_config(CONFIGS / f"{name}.yaml")
+    training_steps = sweep.train.pretrain_steps if sweep.protocol == "frozen" else sweep.train.steps
+    assert sweep.data.num_train >= training_steps * sweep.train.batch_size
+    assert sweep.data.conversation_config.random_phase_order
+    assert "placebo" in {cell.arm for cell in sweep.cells()}
+    assert all(contrast.name == "pt - off" for contrast in sweep.primary)
+
+
+def test_the_switch_and_scaling_studies_declare_pt_vs_off_as_their_primary_contrast():
+    for name in ("switch_2l8e", "scaling_mixtral_4l16e"):
+        assert [contrast.name for contrast in load_config(CONFIGS / f"{name}.yaml").primary] == ["pt - off"]
+
+
 def test_pretrained_frozen_config_runs_on_a_model_directory_with_jsonl(tmp_path, monkeypatch):
     """configs/pretrained_frozen.yaml end to end on a small saved model with its own tokenizer."""
     from tokenizers import Tokenizer, models, pre_tokenizers

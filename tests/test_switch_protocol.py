@@ -279,15 +279,6 @@ def test_a_primary_contrast_naming_aux_loss_needs_it_in_the_grid():
         parse_config(config(grid={"mode": ["pt"]}, primary=["aux_loss - off"]))
 
 
-@pytest.mark.parametrize("name", ["switch_2l8e", "scaling_mixtral_4l16e"])
-def test_study_configs_see_each_training_conversation_once_with_random_phase_order_and_a_placebo(name):
-    sweep = load_config(CONFIGS / f"{name}.yaml")
-    assert sweep.data.num_train >= sweep.train.steps * sweep.train.batch_size
-    assert sweep.data.conversation_config.random_phase_order
-    assert "placebo" in {cell.arm for cell in sweep.cells()}
-    assert [contrast.name for contrast in sweep.primary] == ["pt - off"]
-
-
 def test_the_switch_study_config_has_the_aux_loss_arm():
     sweep = load_config(CONFIGS / "switch_2l8e.yaml")
     assert AUX_LOSS in {cell.arm for cell in sweep.cells()}
