@@ -335,10 +335,10 @@ def test_shipped_configs_validate(name, tmp_path, monkeypatch):
     assert config.cells()
 
 
-#: The shipped study configs on the synthetic world (quickstart is a demo; headline_joint and headline_frozen
-#: are kept as their published runs ran).
+#: The shipped study configs on the synthetic world (quickstart is a demo; headline_joint, headline_frozen and
+#: expertchoice_2l8e are kept as their published runs ran).
 STUDY_CONFIGS = ["headline_frozen_learned", "headline_joint_learned", "ablation_mixtral_2l8e", "sweep_eta_p",
-                 "scaling_mixtral_4l16e", "switch_2l8e", "expertchoice_2l8e", "expertchoice_2l8e_grid"]
+                 "scaling_mixtral_4l16e", "switch_2l8e", "expertchoice_2l8e_learned", "expertchoice_2l8e_grid"]
 
 
 @pytest.mark.parametrize("name", STUDY_CONFIGS)
