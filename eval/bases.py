@@ -63,7 +63,8 @@ def pretrained_base(cell: CellSpec, conversations: Conversations, run_dir: RunDi
     claim (:meth:`RunDir.try_claim`); the other processes of this machine that need it wait for the
     cached copy instead of training it too. Processes whose locks do not exclude each other (other
     machines on storage without ``flock``) may both train it: the first rename wins. Every cell
-    loads the cached copy, so all arms of a seed start from bit-identical weights. With ``pretrain_steps`` 0 the model as built.
+    loads the cached copy, so all arms of a seed start from bit-identical weights. With
+    ``pretrain_steps`` 0 the model as built.
 
     Args:
         cell: any cell of the seed (its model, seed, data, train and load settings count).
